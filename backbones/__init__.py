@@ -1,0 +1,44 @@
+"""resdet backbones: ResNet family as classifier or multi-scale feature extractor, FPN, timm models, weights."""
+from .fpn import FPN
+from .norm import FrozenBatchNorm2d
+from .resnet import (
+    ARCH_SETTINGS,
+    FACTORIES,
+    BasicBlock,
+    Bottleneck,
+    ResNet,
+    resnet18,
+    resnet34,
+    resnet50,
+    resnet101,
+    resnet152,
+    resnext50_32x4d,
+    resnext101_32x8d,
+    wide_resnet50_2,
+)
+from .shape_spec import ShapeSpec
+from .timm_backbone import TimmBackbone
+from .weights import LoadResult, load_weights, read_checkpoint
+
+__all__ = [
+    "ARCH_SETTINGS",
+    "FACTORIES",
+    "BasicBlock",
+    "Bottleneck",
+    "FPN",
+    "FrozenBatchNorm2d",
+    "LoadResult",
+    "ResNet",
+    "ShapeSpec",
+    "TimmBackbone",
+    "load_weights",
+    "read_checkpoint",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "wide_resnet50_2",
+]

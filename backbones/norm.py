@@ -1,0 +1,86 @@
+"""Normalisation layers and the conv + norm fold used by every block."""
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import FrozenBatchNorm2d
+
+__all__ = ["FrozenBatchNorm2d", "NORM_LAYERS", "NormSpec", "build_norm", "affine_of", "conv_norm", "fold_conv_norm_"]
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels)
+
+
+# The one place where config strings become layer classes; inside the library a callable is passed around.
+NORM_LAYERS: dict[str, Callable[[int], nn.Module]] = {
+    "BN": nn.BatchNorm2d,
+    "FrozenBN": FrozenBatchNorm2d,
+    "SyncBN": nn.SyncBatchNorm,
+    "GN": _group_norm,
+}
+
+NormSpec = Union[str, Callable[[int], nn.Module]]
+
+
+def build_norm(norm: NormSpec) -> Callable[[int], nn.Module]:
+    """Turn a norm name ("BN", "FrozenBN", "SyncBN", "GN") or a ``channels -> module`` callable into a callable."""
+    if callable(norm):
+        return norm
+    if norm not in NORM_LAYERS:
+        raise ValueError(f"norm must be one of {sorted(NORM_LAYERS)} or a callable, got {norm!r}")
+    return NORM_LAYERS[norm]
+
+
+def affine_of(norm: nn.Module) -> Optional[tuple[Tensor, Tensor]]:
+    """``(scale, shift)`` with ``norm(x) == x * scale + shift`` per channel, or None when the norm depends on the batch.
+
+    FrozenBN is always affine; BatchNorm/SyncBN are affine in eval mode (running statistics).
+    """
+    if isinstance(norm, FrozenBatchNorm2d):
+        scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
+        return scale, norm.bias - norm.running_mean * scale
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm) and not norm.training and norm.running_var is not None:
+        scale = (norm.running_var + norm.eps).rsqrt()
+        shift = -norm.running_mean * scale
+        if norm.affine:
+            scale = scale * norm.weight
+            shift = shift * norm.weight + norm.bias
+        return scale, shift
+    return None
+
+
+def conv_norm(conv: nn.Module, norm: nn.Module, x: Tensor) -> Tensor:
+    """``norm(conv(x))``, with an affine norm folded into the convolution's weights.
+
+    Folding turns conv + norm into one convolution with a bias: one pass over the activations instead of two,
+    which is what makes FrozenBN fine-tuning and eval-mode inference cheaper (see BENCHMARKS.md). Numerically it
+    equals the two-step form up to float rounding. ``conv`` may be an ``nn.Sequential`` (deep stem) whose last
+    layer is the convolution to fold into.
+    """
+    if isinstance(conv, nn.Sequential):
+        x = conv[:-1](x)
+        conv = conv[-1]
+    affine = affine_of(norm) if type(conv) is nn.Conv2d else None
+    if affine is None:
+        return norm(conv(x))
+    scale, shift = affine
+    weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+    bias = shift if conv.bias is None else conv.bias * scale + shift
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+@torch.no_grad()
+def fold_conv_norm_(conv: nn.Conv2d, norm: nn.Module) -> bool:
+    """Fold an affine ``norm`` into ``conv`` in place (the caller replaces ``norm`` by Identity). Returns success."""
+    affine = affine_of(norm)
+    if affine is None or type(conv) is not nn.Conv2d:
+        return False
+    scale, shift = affine
+    conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+    bias = shift if conv.bias is None else conv.bias * scale + shift
+    conv.bias = nn.Parameter(bias.clone(), requires_grad=conv.weight.requires_grad)
+    return True

@@ -1,0 +1,25 @@
+"""Installation for resdet: ResNet backbones, detectors and tools for detection."""
+from setuptools import find_packages, setup
+
+setup(
+    name="resdet",
+    version="0.1.0",
+    description="ResNet backbones (ResNet/ResNeXt/wide/ResNet-D), FPN, Faster/Mask R-CNN and training tools",
+    python_requires=">=3.10",
+    packages=find_packages(include=["backbones", "backbones.*", "heads", "heads.*", "tools", "tools.*"]),
+    install_requires=[
+        # Bounded so that the resolver takes the 2.14 / 0.29 releases instead of pulling a newer build.
+        "torch>=2.4,<=2.14.1",
+        "torchvision>=0.19,<=0.29.1",
+        "timm>=1.0,<2",
+        "pycocotools>=2.0.7",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+        "tensorboard>=2.14",
+        "matplotlib>=3.7",
+        "pyyaml>=6.0",
+        "numpy>=1.24",
+        "pillow>=9.0",
+    ],
+    extras_require={"test": ["pytest>=7.4"]},
+)
