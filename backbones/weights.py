@@ -151,5 +151,5 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint, strict: bool = True) 
             )
         skipped = absent + fc_mismatch
         state = {k: v for k, v in state.items() if k not in set(skipped)}
-    missing, unexpected = load_state_dict_checked(model, state, strict, allowed_missing=_OFFSET_KEYS)
+    missing, unexpected = load_state_dict_checked(model, state, strict, allowed_missing=_OFFSET_KEYS + tuple(skipped))
     return LoadResult(missing, unexpected, skipped)

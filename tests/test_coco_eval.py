@@ -1,0 +1,167 @@
+"""COCO evaluation: perfect detections, agreement with pycocotools run directly, empty and bad inputs."""
+import contextlib
+import copy
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from tools.engine.coco_data import CocoDetection, detections_to_coco_results
+from tools.engine.coco_eval import (
+    METRIC_NAMES,
+    evaluate_coco,
+    load_results,
+    results_have_segm,
+    write_metrics,
+)
+from tools.engine.shapes import make_shapes_coco
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    return make_shapes_coco(tmp_path_factory.mktemp("coco"), num_train=1, num_val=20, image_size=(64, 96), seed=2)
+
+
+@pytest.fixture(scope="module")
+def gt(paths):
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(str(paths["val_ann"]))
+
+
+def _gt_as_results(gt):
+    results = []
+    for ann in gt.dataset["annotations"]:
+        if ann["iscrowd"]:
+            continue
+        rle = gt.annToRLE(ann)
+        rle = mask_utils.frPyObjects(rle, *rle["size"]) if isinstance(rle["counts"], list) else rle
+        counts = rle["counts"].decode("ascii") if isinstance(rle["counts"], bytes) else rle["counts"]
+        results.append({"image_id": ann["image_id"], "category_id": ann["category_id"], "bbox": list(ann["bbox"]),
+                        "score": 1.0, "segmentation": {"size": list(rle["size"]), "counts": counts}})
+    return results
+
+
+def _direct(gt, results, iou_type):
+    """pycocotools run by hand, the reference the wrapper must reproduce."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = COCOeval(gt, gt.loadRes(copy.deepcopy(results)), iou_type)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return list(evaluator.stats)
+
+
+def test_ground_truth_as_detections_scores_one(gt, paths, capsys):
+    results = _gt_as_results(gt)
+    before = copy.deepcopy(results)
+    metrics = evaluate_coco(paths["val_ann"], results, iou_types=("bbox", "segm"))
+    assert set(metrics) == {"bbox", "segm"}
+    for iou_type in ("bbox", "segm"):
+        assert list(metrics[iou_type]) == list(METRIC_NAMES)
+        assert metrics[iou_type]["AP"] == pytest.approx(1.0)
+        assert metrics[iou_type]["AP50"] == pytest.approx(1.0) and metrics[iou_type]["AR100"] == pytest.approx(1.0)
+    assert results == before  # the caller's list is not modified
+    out = capsys.readouterr().out
+    assert out.count("Average Precision") == 12 and out.count("Average Recall") == 12
+
+
+def test_perturbed_detections_match_pycocotools(gt):
+    rng = np.random.default_rng(0)
+    results = []
+    for res in _gt_as_results(gt):
+        if rng.random() < 0.2:
+            continue
+        x, y, w, h = res["bbox"]
+        jitter = rng.normal(0, 0.1, 4) * [w, h, w, h]
+        results.append(dict(res, bbox=[x + jitter[0], y + jitter[1], max(w + jitter[2], 1.0), max(h + jitter[3], 1.0)],
+                            score=float(rng.random())))
+    results.append({"image_id": results[0]["image_id"], "category_id": 3, "bbox": [0.0, 0.0, 10.0, 10.0],
+                    "score": 0.99, "segmentation": results[0]["segmentation"]})  # a false positive
+    metrics = evaluate_coco(gt, results, iou_types=("bbox",))
+    expected = _direct(gt, [{k: v for k, v in r.items() if k != "segmentation"} for r in results], "bbox")
+    assert [metrics["bbox"][name] for name in METRIC_NAMES] == expected
+    assert 0.2 < metrics["bbox"]["AP"] < 0.95
+
+    segm_only = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+    for r in segm_only:  # perturb the masks too: erase a random fraction of the detections
+        if rng.random() < 0.3:
+            r["segmentation"] = results[0]["segmentation"]
+    metrics = evaluate_coco(gt, segm_only, iou_types=("segm",))
+    assert [metrics["segm"][name] for name in METRIC_NAMES] == _direct(gt, segm_only, "segm")
+    assert metrics["segm"]["AP"] < 0.95
+
+
+def test_dataset_round_trip_scores_one(paths):
+    """Targets -> torchvision-style outputs -> results with the dataset's sparse ids -> AP 1."""
+    dataset = CocoDetection(paths["val_images"], paths["val_ann"])
+    outputs, image_ids = [], []
+    for index in range(len(dataset)):
+        _, target = dataset[index]
+        n = len(target["boxes"])
+        outputs.append({"boxes": target["boxes"].as_subclass(torch.Tensor), "labels": target["labels"],
+                        "scores": torch.ones(n), "masks": target["masks"][:, None].float()})
+        image_ids.append(target["image_id"])
+    results = detections_to_coco_results(outputs, image_ids, dataset.label_to_cat_id)
+    metrics = evaluate_coco(dataset.coco, results, iou_types=("bbox", "segm"))
+    assert metrics["bbox"]["AP"] == pytest.approx(1.0) and metrics["segm"]["AP"] == pytest.approx(1.0)
+
+    as_labels = [dict(r, category_id=dataset.cat_id_to_label[r["category_id"]]) for r in results]
+    with pytest.raises(ValueError, match="category ids"):  # labels 2, 3 are not dataset ids
+        evaluate_coco(dataset.coco, as_labels)
+
+
+def test_empty_results_give_zeros(gt, tmp_path):
+    metrics = evaluate_coco(gt, [], iou_types=("bbox", "segm"))
+    assert metrics == {t: dict.fromkeys(METRIC_NAMES, 0.0) for t in ("bbox", "segm")}
+    path = tmp_path / "empty.json"
+    path.write_text("[]")
+    assert evaluate_coco(gt, path)["bbox"]["AP"] == 0.0
+
+
+def test_results_file_and_metrics_file(gt, tmp_path):
+    results = _gt_as_results(gt)
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    assert load_results(path) == results
+    metrics = evaluate_coco(gt, path)
+    assert metrics["bbox"]["AP"] == pytest.approx(1.0)
+    write_metrics(tmp_path / "out" / "metrics.json", metrics)
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == metrics
+
+
+def test_results_have_segm():
+    box = {"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 1.0}
+    segm = dict(box, segmentation={"size": [2, 2], "counts": "04"})
+    assert results_have_segm([segm, segm]) and not results_have_segm([segm, box]) and not results_have_segm([])
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{\"image_id\": 1}", "must be a JSON list"),
+    ("[{\"image_id\": 1, \"category_id\": 1, \"bbox\": [0, 0, 1, 1]}]", "missing \\['score'\\]"),
+    ("[{\"image_id\": 1, \"category_id\": 1, \"score\": 1}]", "bbox or segmentation"),
+    ("[{\"image_id\": \"a\", \"category_id\": 1, \"score\": 1, \"bbox\": [0, 0, 1, 1]}]", "image_id must be"),
+    ("[{\"image_id\": 1, \"category_id\": 1, \"score\": NaN, \"bbox\": [0, 0, 1, 1]}]", "score must be"),
+    ("[{\"image_id\": 1, \"category_id\": 1, \"score\": 1, \"bbox\": [0, 0, 1]}]", "bbox must be"),
+    ("[{\"image_id\": 1, \"category_id\": 1, \"score\": 1, \"bbox\": [0, 0, 1, 1]", "truncated JSON"),
+])
+def test_bad_results_file(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message) as info:
+        load_results(path)
+    assert str(path) in str(info.value)
+
+
+def test_bad_arguments(gt):
+    results = [{k: v for k, v in r.items() if k != "segmentation"} for r in _gt_as_results(gt)]
+    with pytest.raises(ValueError, match="segm"):
+        evaluate_coco(gt, results, iou_types=("bbox", "segm"))
+    with pytest.raises(ValueError, match="unknown iou type"):
+        evaluate_coco(gt, results, iou_types=("keypoints",))
+    with pytest.raises(ValueError, match="image ids absent"):
+        evaluate_coco(gt, [dict(results[0], image_id=999_999)])
