@@ -242,6 +242,19 @@ def test_loader_does_not_touch_global_rng(dataset):
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_ungrouped_train_loader_resumes(dataset):
+    def first_ids(start):
+        images, targets = next(InfiniteBatches(build_det_loader(dataset, 3, train=True, group_aspect=False),
+                                               start_iter=start))
+        return [t["image_id"] for t in targets]
+
+    per_epoch = len(dataset) // 3
+    stream = InfiniteBatches(build_det_loader(dataset, 3, train=True, group_aspect=False))
+    ids = [[t["image_id"] for t in next(stream)[1]] for _ in range(per_epoch + 1)]
+    assert sorted(sum(ids[:per_epoch], [])) == sorted(dataset.ids)  # one epoch = every image once
+    assert first_ids(per_epoch) == ids[per_epoch] and first_ids(2) == ids[2]
+
+
 def test_eval_loader_covers_each_image_once(dataset):
     loader = build_det_loader(dataset, 3, train=False)
     ids = [t["image_id"] for _, targets in loader for t in targets]
