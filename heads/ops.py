@@ -1,0 +1,448 @@
+"""RoIAlign with a parallel CPU backward, and a MultiScaleRoIAlign that uses it.
+
+torchvision's CPU RoIAlign kernels are serial loops over RoIs; in an R18-FPN Faster
+R-CNN training step (256 px, 4 images) its backward alone took about 45% of the step
+on a 2-core CPU. Here RoIAlign is written as a sparse linear map instead:
+
+    out[bin, c] = sum_pixel M[bin, pixel] * features[pixel, c]
+
+where a bin is one (RoI, ph, pw) output cell and the pixels are those of all pyramid
+levels, flattened channels-last. A row of ``M`` holds the bilinear weights of one bin
+(4 corners for each of its grid_h * grid_w samples), computed from the box alone with
+torchvision's exact sampling rules (same positions, clamping and out-of-map zeros), so
+the results agree with ``torchvision.ops.roi_align`` to float rounding.
+
+* forward: ``F.embedding_bag`` with per-sample weights gathers the rows (a parallel,
+  vectorised kernel; 2x faster here than the same product as a CSR matmul);
+* backward: ``M^T @ grad`` as a CSR sparse-dense matmul (MKL, parallel; 1.5x faster
+  here than letting ``embedding_bag``'s own backward do it). Building the CSR needs the
+  entries grouped by pixel, i.e. a sort. Each pixel row is padded by one column and
+  each map by one row, so that a sample's four corners sit at fixed offsets
+  (0, 1, W+1, W+2) from its top-left corner; only those anchors are sorted (4x fewer
+  keys than corners) and the corners' places follow by counting.
+
+Measured on this project's 2-core CPU (torch.set_num_threads(2); the machine was
+shared, load 5-10, so medians of alternating runs): 4 images x 512 RoIs, 256 channels,
+7x7 output, sampling_ratio=2, p2..p5 of a 256 px image, MultiScaleRoIAlign
+forward 0.5-0.95 s vs torchvision 1.0-1.7 s (1.7-2.1x), backward 0.84-1.6 s vs
+4.7-7.6 s (4.5-5.6x); with one thread 0.71 s vs 1.68 s and 0.92 s vs 8.7 s.
+
+On CUDA (already parallel), for quantized inputs, and when the sampling table would be
+too large (adaptive sampling on huge boxes), the functions call torchvision's ops.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+from torch.nn.modules.utils import _pair
+from torchvision.ops._utils import convert_boxes_to_roi_format
+from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
+
+__all__ = ["roi_align", "MultiScaleRoIAlign"]
+
+# Largest sampling table (bins x corners x samples) built in one go: about 300 MB of
+# tables. Adaptive sampling (sampling_ratio <= 0) on large boxes needs
+# 4 * ceil(h / PH) * ceil(w / PW) entries per bin; beyond this torchvision's kernel is
+# used instead, which is slower but needs no table.
+_MAX_TABLE_ENTRIES = 1 << 25
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+class _SampleTable(NamedTuple):
+    """Sparse RoIAlign matrix over padded, channels-last pixels of all levels.
+
+    E bins (RoIs x PH x PW), S samples per bin (the largest grid_h * grid_w).
+    """
+
+    index: Tensor  # [E, 4 * S] padded pixel of every corner of every sample (forward)
+    anchor: Tensor  # [E, S] padded pixel of every sample's top-left corner (backward)
+    weight: Tensor  # [E, S, 4] corner weights, divided by the bin's sample count
+    level_shapes: tuple[torch.Size, ...]  # [N, C, H, W] of each level
+    adaptive: bool  # sampling_ratio <= 0: unused samples padded with zero weights
+
+
+def _axis_samples(
+    start: Tensor, bin_size: Tensor, grid: Tensor, max_grid: int, pooled: int, size: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Lower corner and (lower, upper) bilinear weights of every sample along one axis.
+
+    Args:
+        start, bin_size: [K] box start and bin size in feature-map pixels.
+        grid: [K] samples per bin; samples past it get weight 0.
+        max_grid: the largest value in ``grid``.
+        pooled: number of output bins along this axis.
+        size: [K] feature-map size along this axis.
+
+    Returns:
+        low [K, pooled, max_grid] (int64) and weight [K, pooled, max_grid, 2]. At the
+        map's far edge the upper weight is 0, so low + 1 may point into the padding.
+    """
+    dtype = start.dtype
+    bins = torch.arange(pooled, dtype=dtype, device=start.device)[None, :, None]
+    step = torch.arange(max_grid, dtype=dtype, device=start.device)[None, None, :]
+    grid_f = grid.to(dtype)[:, None, None]
+    bin_size = bin_size[:, None, None]
+    size = size[:, None, None]
+    # Same expression order as torchvision's kernel, so coordinates round identically.
+    # grid can be 0 for an empty box with aligned=True: no samples, but no 0/0 either.
+    pos = start[:, None, None] + bins * bin_size + (step + 0.5) * bin_size / grid_f.clamp(min=1)
+    # A sample more than one pixel outside the map contributes nothing.
+    valid = ((pos >= -1.0) & (pos <= size) & (step < grid_f)).to(dtype)
+    pos = pos.clamp(min=0)
+    low = pos.long()
+    at_edge = low >= size - 1
+    low = torch.where(at_edge, size - 1, low)
+    pos = torch.where(at_edge, low.to(dtype), pos)
+    frac = pos - low
+    return low, torch.stack([(1.0 - frac) * valid, frac * valid], dim=-1)
+
+
+def _grid_sizes(
+    roi_h: Tensor, roi_w: Tensor, output_size: tuple[int, int], sampling_ratio: int
+) -> tuple[Tensor, Tensor, int, int]:
+    """Samples per bin along y and x for every RoI ([K] each), and their maxima."""
+    if sampling_ratio > 0:
+        grid = torch.full_like(roi_h, sampling_ratio, dtype=torch.long)
+        return grid, grid, sampling_ratio, sampling_ratio
+    # torchvision's adaptive rule: ceil(roi_size / output_size) samples per bin.
+    grid_h = torch.ceil(roi_h / output_size[0]).long()
+    grid_w = torch.ceil(roi_w / output_size[1]).long()
+    max_h = max(int(grid_h.max()), 1) if grid_h.numel() else 1
+    max_w = max(int(grid_w.max()), 1) if grid_w.numel() else 1
+    return grid_h, grid_w, max_h, max_w
+
+
+def _sample_table(
+    rois: Tensor,
+    levels: Optional[Tensor],
+    scales: Sequence[float],
+    level_shapes: Sequence[torch.Size],
+    output_size: tuple[int, int],
+    sampling_ratio: int,
+    aligned: bool,
+    compute_dtype: torch.dtype,
+) -> Optional[_SampleTable]:
+    """Bilinear sampling table of every RoI on its level; None if it would be too large.
+
+    Args:
+        rois: [K, 5] (batch_index, x1, y1, x2, y2) in image coordinates.
+        levels: [K] level of each RoI, or None for a single level.
+        scales, level_shapes: spatial scale and [N, C, H, W] of each level.
+    """
+    device = rois.device
+    num_rois = rois.shape[0]
+    levels = torch.zeros(num_rois, dtype=torch.long, device=device) if levels is None else levels.long()
+    heights = torch.tensor([s[2] for s in level_shapes], device=device)[levels]
+    widths = torch.tensor([s[3] for s in level_shapes], device=device)[levels]
+    # Padded layout: every level is [N, H + 1, W + 1] pixels, levels one after another.
+    padded_sizes = [s[0] * (s[2] + 1) * (s[3] + 1) for s in level_shapes]
+    level_start = torch.tensor([0] + padded_sizes[:-1], device=device).cumsum(0)[levels]
+    scale = torch.tensor(list(scales), dtype=compute_dtype, device=device)[levels]
+
+    rois = rois.to(compute_dtype)
+    offset = 0.5 if aligned else 0.0
+    x1 = rois[:, 1] * scale - offset
+    y1 = rois[:, 2] * scale - offset
+    roi_w = rois[:, 3] * scale - offset - x1
+    roi_h = rois[:, 4] * scale - offset - y1
+    if not aligned:
+        roi_w = roi_w.clamp(min=1.0)
+        roi_h = roi_h.clamp(min=1.0)
+    pooled_h, pooled_w = output_size
+    grid_h, grid_w, max_h, max_w = _grid_sizes(roi_h, roi_w, output_size, sampling_ratio)
+    samples = max_h * max_w
+    if num_rois * pooled_h * pooled_w * 4 * samples > _MAX_TABLE_ENTRIES:
+        return None
+
+    low_y, weight_y = _axis_samples(y1, roi_h / pooled_h, grid_h, max_h, pooled_h, heights)
+    low_x, weight_x = _axis_samples(x1, roi_w / pooled_w, grid_w, max_w, pooled_w, widths)
+    row = widths + 1
+    image_start = level_start + rois[:, 0].long() * (heights + 1) * row
+
+    def per_roi(t: Tensor) -> Tensor:
+        return t[:, None, None, None, None]
+
+    # [K, PH, PW, grid_h, grid_w]: outer product of the two axes.
+    anchor = per_roi(image_start) + low_y[:, :, None, :, None] * per_roi(row) + low_x[:, None, :, None, :]
+    count = (grid_h * grid_w).clamp(min=1).to(compute_dtype)
+    weight_x = weight_x / count[:, None, None, None]
+    # [K, PH, PW, grid_h, grid_w, 2, 2] -> corners (y0 x0, y0 x1, y1 x0, y1 x1)
+    weight = weight_y[:, :, None, :, None, :, None] * weight_x[:, None, :, None, :, None, :]
+    corner_offset = torch.stack([torch.zeros_like(row), torch.ones_like(row), row, row + 1], dim=1)
+    index = anchor[..., None] + corner_offset[:, None, None, None, None, :]
+
+    bins = num_rois * pooled_h * pooled_w
+    # int32 keys halve the table and speed up the backward sort.
+    index_dtype = torch.int32 if sum(padded_sizes) < 2**31 else torch.int64
+    return _SampleTable(
+        index=index.reshape(bins, 4 * samples).to(index_dtype),
+        anchor=anchor.reshape(bins, samples).to(index_dtype),
+        weight=weight.reshape(bins, samples, 4),
+        level_shapes=tuple(level_shapes),
+        adaptive=sampling_ratio <= 0,
+    )
+
+
+def _padded_pixels(features: Sequence[Tensor]) -> Tensor:
+    """All levels as one [sum_l N * (H_l + 1) * (W_l + 1), C] channels-last table."""
+    channels = features[0].shape[1]
+    total = sum(f.shape[0] * (f.shape[2] + 1) * (f.shape[3] + 1) for f in features)
+    pixels = features[0].new_empty(total, channels)
+    start = 0
+    for f in features:
+        n, _, h, w = f.shape
+        block = pixels[start:start + n * (h + 1) * (w + 1)].view(n, h + 1, w + 1, channels)
+        block[:, :h, :w] = f.permute(0, 2, 3, 1)
+        block[:, h].zero_()
+        block[:, :h, w].zero_()
+        start += block.shape[0] * (h + 1) * (w + 1)
+    return pixels
+
+
+def _pool(features: Sequence[Tensor], table: _SampleTable, output_size: tuple[int, int]) -> Tensor:
+    """Forward: [E, C] weighted gathers, returned as [K, C, PH, PW]."""
+    channels = features[0].shape[1]
+    bins = F.embedding_bag(
+        table.index,
+        _padded_pixels(features),
+        per_sample_weights=table.weight.flatten(1).to(features[0].dtype),
+        mode="sum",
+    )
+    return bins.view(-1, output_size[0], output_size[1], channels).permute(0, 3, 1, 2).contiguous()
+
+
+def _transposed_table(table: _SampleTable) -> Tensor:
+    """``M^T`` as a CSR matrix [padded pixels, E], grouped by pixel without sorting corners.
+
+    Only the samples' anchors (top-left corners) are sorted; every other corner lies at
+    a fixed offset from its anchor (1, W + 1, W + 2 on the padded grid), so where each
+    corner entry goes in the pixel-grouped order follows from the anchor counts by
+    arithmetic: row start + entries of earlier corners in that row + rank among the
+    samples sharing the anchor. Sorting all corners instead costs 4x the keys.
+    Repeated (pixel, bin) pairs are fine: the matmul sums them.
+    """
+    samples = table.anchor.shape[1]
+    num_pixels = sum(s[0] * (s[2] + 1) * (s[3] + 1) for s in table.level_shapes)
+    keys = table.anchor.flatten()
+    corners = table.index.view(-1, 4)
+    weight = table.weight.view(-1, 4)
+    if table.adaptive:
+        # The grid is padded to the largest RoI's; leave the unused samples out of the
+        # sort and the matmul. (With a fixed grid almost nothing would be dropped.)
+        positions = weight.amax(dim=1).nonzero().squeeze(1)
+        keys = keys[positions]
+        sorted_keys, local_order = torch.sort(keys, stable=True)
+        order = positions[local_order]
+    else:
+        sorted_keys, order = torch.sort(keys, stable=True)
+    nnz = keys.numel()
+
+    per_anchor = torch.bincount(keys, minlength=num_pixels)
+    rank = torch.arange(nnz, device=keys.device) - (torch.cumsum(per_anchor, 0) - per_anchor)[sorted_keys]
+    # Corner c of the samples anchored at pixel a all land on a + offset_c, so their
+    # rank among the entries landing there equals their rank among the anchor's.
+    destination = corners[order].long() + torch.arange(4, device=keys.device) * num_pixels  # [nnz, 4]
+    landing = torch.bincount(destination.flatten(), minlength=4 * num_pixels).view(4, num_pixels)
+    per_pixel = landing.sum(dim=0)
+    crow = per_pixel.new_zeros(num_pixels + 1)
+    torch.cumsum(per_pixel, 0, out=crow[1:])
+    # Slot of corner c's first entry in row p: row start + earlier corners' entries there.
+    first_slot = crow[:-1] + (torch.cumsum(landing, 0) - landing)
+    slot = (first_slot.flatten()[destination] + rank[:, None]).flatten()
+
+    index_dtype = torch.int32 if 4 * nnz < 2**31 else torch.int64
+    columns = torch.zeros(4 * nnz, dtype=index_dtype, device=keys.device)
+    columns[slot] = (order // samples).to(index_dtype).repeat_interleave(4)
+    values = torch.zeros(4 * nnz, dtype=weight.dtype, device=keys.device)
+    values[slot] = weight[order].flatten()
+    with warnings.catch_warnings():
+        # torch flags CSR tensors as beta on first use; the matmul used here is stable.
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(
+            crow.to(index_dtype), columns, values, (num_pixels, table.anchor.shape[0]), check_invariants=False
+        )
+
+
+def _unpool(grad_output: Tensor, table: _SampleTable, needs_grad: Sequence[bool],
+            dtype: torch.dtype, channels_last: Sequence[bool]) -> list[Optional[Tensor]]:
+    """Backward: ``M^T @ grad`` split back into one [N, C, H, W] gradient per level."""
+    channels = grad_output.shape[1]
+    # MKL's CSR matmul has no bf16/fp16 kernel; accumulate those in float32.
+    rows = grad_output.permute(0, 2, 3, 1).reshape(-1, channels).to(table.weight.dtype)
+    pixels = _transposed_table(table) @ rows
+    grads: list[Optional[Tensor]] = []
+    start = 0
+    for shape, wanted, cl in zip(table.level_shapes, needs_grad, channels_last):
+        n, _, h, w = shape
+        size = n * (h + 1) * (w + 1)
+        if wanted:
+            grad = pixels[start:start + size].view(n, h + 1, w + 1, channels)[:, :h, :w].permute(0, 3, 1, 2)
+            # Hand the gradient back in the input's layout (no copy for channels-last).
+            layout = torch.channels_last if cl else torch.contiguous_format
+            grads.append(grad.to(dtype=dtype, memory_format=layout))
+        else:
+            grads.append(None)
+        start += size
+    return grads
+
+
+def _is_channels_last(t: Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+class _SparseRoIAlign(torch.autograd.Function):
+    """RoIAlign over one or more levels as a sparse matrix product (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, table: _SampleTable, output_size: tuple[int, int], *features: Tensor) -> Tensor:
+        ctx.table = table
+        ctx.dtype = features[0].dtype
+        ctx.channels_last = [_is_channels_last(f) for f in features]
+        return _pool(features, table, output_size)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor):
+        grads = _unpool(grad_output, ctx.table, ctx.needs_input_grad[2:], ctx.dtype, ctx.channels_last)
+        return (None, None, *grads)
+
+
+def _sparse_roi_align(features: Sequence[Tensor], table: _SampleTable, output_size: tuple[int, int]) -> Tensor:
+    if torch.is_grad_enabled() and any(f.requires_grad for f in features):
+        return _SparseRoIAlign.apply(table, output_size, *features)
+    return _pool(features, table, output_size)
+
+
+def _supported(features: Sequence[Tensor]) -> bool:
+    """Whether the sparse CPU path handles these feature maps."""
+    return all(
+        f.device.type == "cpu" and not f.is_quantized and f.dtype == features[0].dtype for f in features
+    ) and features[0].dtype in _SUPPORTED_DTYPES
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _as_rois(boxes: Union[Tensor, list[Tensor]]) -> Tensor:
+    """Check the two accepted box formats and return Tensor[K, 5] (batch index first)."""
+    if isinstance(boxes, Tensor):
+        if boxes.dim() != 2 or boxes.shape[1] != 5:
+            raise ValueError(
+                f"boxes as a Tensor must be [K, 5] (batch_index, x1, y1, x2, y2), got {tuple(boxes.shape)}"
+            )
+        return boxes
+    if not isinstance(boxes, (list, tuple)) or not all(isinstance(b, Tensor) for b in boxes):
+        raise ValueError(f"boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}")
+    for i, b in enumerate(boxes):
+        if b.dim() != 2 or b.shape[1] != 4:
+            raise ValueError(f"boxes[{i}] must be [L, 4] (x1, y1, x2, y2), got {tuple(b.shape)}")
+    return convert_boxes_to_roi_format(list(boxes))
+
+
+def roi_align(
+    input: Tensor,
+    boxes: Union[Tensor, list[Tensor]],
+    output_size: Union[int, tuple[int, int], list[int]],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+) -> Tensor:
+    """RoIAlign, same signature and results as ``torchvision.ops.roi_align``.
+
+    On CPU it runs as a sparse linear map with a parallel forward and backward (several
+    times faster than torchvision's serial CPU kernels), and it also takes bfloat16 and
+    float16, which torchvision's CPU kernel rejects. On other devices, for quantized
+    inputs, and for adaptive sampling on boxes so large that the sampling table would
+    exceed ``_MAX_TABLE_ENTRIES``, it calls torchvision's op.
+
+    Args:
+        input: [N, C, H, W] feature maps.
+        boxes: Tensor[K, 5] of (batch_index, x1, y1, x2, y2), or a list of N Tensor[L, 4]
+            of (x1, y1, x2, y2), in input-image coordinates.
+        output_size: (height, width) of each pooled RoI, or one int for both.
+        spatial_scale: factor mapping box coordinates to feature-map pixels.
+        sampling_ratio: samples per bin along each axis; <= 0 for torchvision's adaptive
+            ``ceil(roi_size / output_size)``.
+        aligned: shift boxes by -0.5 pixel (Detectron2's convention).
+
+    Returns:
+        Tensor[K, C, output_size[0], output_size[1]].
+
+    Example:
+        >>> feats = torch.randn(2, 8, 32, 32, requires_grad=True)
+        >>> boxes = torch.tensor([[0, 1.0, 2.0, 20.0, 18.0], [1, 4.0, 4.0, 9.0, 30.0]])
+        >>> roi_align(feats, boxes, 7, spatial_scale=1.0, sampling_ratio=2).shape
+        torch.Size([2, 8, 7, 7])
+    """
+    if input.dim() != 4:
+        raise ValueError(f"input must be [N, C, H, W], got shape {tuple(input.shape)}")
+    rois = _as_rois(boxes)
+    output_size = _pair(output_size)
+    table = None
+    if _supported([input]):
+        table = _sample_table(
+            rois.detach(), None, [spatial_scale], [input.shape], output_size, sampling_ratio, aligned,
+            _compute_dtype(input.dtype),
+        )
+    if table is None:
+        return torchvision.ops.roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
+    return _sparse_roi_align([input], table, output_size)
+
+
+class MultiScaleRoIAlign(torchvision.ops.MultiScaleRoIAlign):
+    """``torchvision.ops.MultiScaleRoIAlign`` with the sparse CPU RoIAlign of this module.
+
+    Constructor, level mapping and scale inference are torchvision's. On CPU all levels
+    are pooled in one sparse product instead of one ``roi_align`` per level: that saves
+    torchvision's zero-filled result and the scatter of each level's output into it
+    (and the matching gather in backward), and one sort and matmul replace four.
+    Measured (FPN case of the module docstring, 2 threads): fused fwd 0.82 s / bwd
+    1.6 s vs our ``roi_align`` per level 1.2 s / 2.9 s vs torchvision 1.7 s / 7.2 s.
+    Elsewhere (CUDA, quantized, oversized adaptive tables) it is torchvision's module.
+
+    Example:
+        >>> pool = MultiScaleRoIAlign(["p2", "p3"], output_size=7, sampling_ratio=2)
+        >>> feats = {"p2": torch.randn(1, 8, 64, 64), "p3": torch.randn(1, 8, 32, 32)}
+        >>> pool(feats, [torch.tensor([[0.0, 0.0, 100.0, 80.0]])], [(256, 256)]).shape
+        torch.Size([1, 8, 7, 7])
+    """
+
+    def forward(
+        self,
+        x: dict[str, Tensor],
+        boxes: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+    ) -> Tensor:
+        """Pool every box from the pyramid level chosen for its size.
+
+        Args:
+            x: feature maps by name, [N, C, H_l, W_l] each (same C on every level).
+            boxes: per image, Tensor[L, 4] of (x1, y1, x2, y2) in image coordinates.
+            image_shapes: per image, the (height, width) the boxes refer to.
+
+        Returns:
+            Tensor[sum(L), C, output_size[0], output_size[1]].
+        """
+        features = _filter_input(x, self.featmap_names)
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = _setup_scales(
+                features, image_shapes, self.canonical_scale, self.canonical_level
+            )
+        table = None
+        if _supported(features):
+            levels = self.map_levels(boxes) if len(features) > 1 else None
+            table = _sample_table(
+                _convert_to_roi_format(boxes).detach(), levels, self.scales, [f.shape for f in features],
+                self.output_size, self.sampling_ratio, False, _compute_dtype(features[0].dtype),
+            )
+        if table is None:
+            return super().forward(x, boxes, image_shapes)
+        return _sparse_roi_align(features, table, self.output_size)
