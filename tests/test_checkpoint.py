@@ -1,0 +1,163 @@
+"""Checkpoints (tools.engine.checkpoint): atomic save, safe load, rotation, corrupt files, RNG state, export."""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import backbones
+from tools.engine.checkpoint import (
+    CheckpointManager,
+    export_weights,
+    get_rng_state,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
+
+
+def test_save_load_round_trip_leaves_no_temp_files(tmp_path):
+    state = {"w": torch.arange(6.0).reshape(2, 3), "iteration": 7, "names": ["a", "b"], "cfg": {"lr": 0.1, "x": None}}
+    save_checkpoint(tmp_path / "c.pth", state)
+    loaded = load_checkpoint(tmp_path / "c.pth")
+    assert torch.equal(loaded["w"], state["w"])
+    assert loaded["iteration"] == 7 and loaded["names"] == ["a", "b"] and loaded["cfg"] == {"lr": 0.1, "x": None}
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]
+
+
+def test_failed_write_keeps_old_file(tmp_path):
+    path = tmp_path / "c.pth"
+    save_checkpoint(path, {"v": torch.tensor(1)})
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        save_checkpoint(path, {"v": Unpicklable()})
+    assert load_checkpoint(path)["v"].item() == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]  # the temp file was removed
+
+
+class _Payload:
+    """Unpickling this would create ``marker``: what a malicious checkpoint does."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_malicious_pickle_refused_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        torch.save({"model": {}, "x": _Payload(str(marker))}, f)
+    with pytest.raises(pickle.UnpicklingError):
+        load_checkpoint(path)
+    assert not marker.exists()
+    # The payload is live: an unsafe load would have run it.
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_manager_naming_and_keep_last(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    for it in (10, 20, 30, 40):
+        manager.save({"iteration": it}, it)
+    manager.save_final({"iteration": 40})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_0000030.pth", "model_0000040.pth", "model_final.pth"]
+    assert manager.latest() == tmp_path / "model_0000040.pth"
+
+
+def test_keep_all_by_default_and_invalid_keep_last(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    for it in (1, 2, 3):
+        manager.save({"iteration": it}, it)
+    assert len(manager.checkpoints()) == 3
+    with pytest.raises(ValueError, match="keep_last"):
+        CheckpointManager(tmp_path, keep_last=0)
+
+
+def test_latest_skips_corrupt_newest_and_reports_path(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    manager.save({"iteration": 100, "w": torch.randn(50)}, 100)
+    newest = manager.save({"iteration": 200, "w": torch.randn(50)}, 200)
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])  # truncated, as by a crash of a non-atomic writer
+    # Leftover of a write killed before its rename: must be ignored and cleaned.
+    stale = tmp_path / ".model_0000300.pth.tmp-abc123"
+    stale.write_bytes(b"partial")
+    with pytest.warns(RuntimeWarning, match="model_0000200.pth"):
+        found = manager.load_latest()
+    assert found is not None
+    path, state = found
+    assert path.name == "model_0000100.pth" and state["iteration"] == 100
+    assert not stale.exists()
+    assert newest.exists()  # kept for inspection, but never taken for good
+
+
+def test_latest_none_when_nothing_usable(tmp_path):
+    assert CheckpointManager(tmp_path / "missing").latest() is None
+    (tmp_path / "model_0000005.pth").write_bytes(b"not a checkpoint")
+    with pytest.warns(RuntimeWarning):
+        assert CheckpointManager(tmp_path).latest() is None
+
+
+def _draw() -> tuple:
+    return random.random(), random.gauss(0, 1), float(np.random.rand()), np.random.randn(), torch.rand(3)
+
+
+def test_rng_state_round_trip_through_safe_load(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    random.gauss(0, 1)  # leaves a cached gaussian in the python state
+    np.random.randn()
+    save_checkpoint(tmp_path / "rng.pth", {"rng": get_rng_state()})
+    expected = _draw()
+    _draw()  # move every generator on
+    set_rng_state(load_checkpoint(tmp_path / "rng.pth")["rng"])
+    got = _draw()
+    assert got[:4] == expected[:4]
+    assert torch.equal(got[4], expected[4])
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_export_weights_round_trip(tmp_path, suffix):
+    torch.manual_seed(0)
+    model = backbones.resnet18(num_classes=3)
+    for m in model.modules():  # non-trivial BN statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    path = export_weights(model, tmp_path / f"w{suffix}")
+    loaded = load_checkpoint(path)
+    assert set(loaded) == set(model.state_dict())
+    fresh = backbones.resnet18(num_classes=3)
+    backbones.load_weights(fresh, path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+
+
+def test_export_weights_handles_shared_storage_and_rejects_bad_input(tmp_path):
+    w = torch.randn(4, 4)
+    export_weights({"a": w, "b": w, "c": w[0]}, tmp_path / "tied.safetensors")
+    loaded = load_checkpoint(tmp_path / "tied.safetensors")
+    assert torch.equal(loaded["b"], w) and torch.equal(loaded["c"], w[0])
+    with pytest.raises(ValueError, match="non-tensor"):
+        export_weights({"a": w, "step": 3}, tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match=".safetensors"):
+        export_weights({"a": w}, tmp_path / "x.npz")
+
+
+def test_load_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "nope.pth")
+    assert not os.path.exists(tmp_path / "nope.pth")

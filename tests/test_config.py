@@ -1,0 +1,164 @@
+"""Typed YAML configs, lr scaling and schedule rescaling (tools.engine.config), and the shipped recipes."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from tools.engine.cls_train import ClsTrainConfig, build_config
+from tools.engine.config import config_to_dict, load_config, rescale_schedule, save_config, scale_lr
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Demo:
+    lr: float = 0.1
+    epochs: int = 10
+    amp: bool = False
+    name: str = "x"
+    steps: tuple[int, ...] = (3, 6)
+    size: tuple[int, int] = (8, 8)
+    tags: list[str] = field(default_factory=list)
+    options: dict = field(default_factory=dict)
+    clip: float | None = None
+    sched: Literal["step", "cosine"] = "step"
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_file():
+    assert load_config(Demo, None) == Demo()
+
+
+def test_yaml_values_coerced_to_field_types(tmp_path):
+    cfg = load_config(
+        Demo,
+        write(tmp_path / "a.yaml", "lr: 1e-4\nepochs: 20.0\nsteps: [1, 2, 3]\nsize: [4, 5]\nclip: 2\noptions: {a: 1}\n"),
+    )
+    # PyYAML reads "1e-4" as a string; the float field still gets a float.
+    assert cfg.lr == pytest.approx(1e-4) and isinstance(cfg.lr, float)
+    assert cfg.epochs == 20 and isinstance(cfg.epochs, int)
+    assert cfg.steps == (1, 2, 3)
+    assert cfg.size == (4, 5)
+    assert cfg.clip == 2.0 and isinstance(cfg.clip, float)
+    assert cfg.options == {"a": 1}
+
+
+def test_unknown_yaml_key_lists_valid_keys(tmp_path):
+    with pytest.raises(ValueError) as e:
+        load_config(Demo, write(tmp_path / "a.yaml", "lr: 0.1\nepoch: 3\n"))
+    assert "epoch" in str(e.value) and "'epochs'" in str(e.value) and "'sched'" in str(e.value)
+
+
+def test_unknown_override_key_rejected():
+    with pytest.raises(ValueError, match="valid keys"):
+        load_config(Demo, None, {"learning_rate": 0.1})
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["epochs: 2.5\n", "amp: 3\n", "name: 4\n", "steps: 5\n", "size: [1, 2, 3]\n", "sched: linear\n", "lr: fast\n"],
+)
+def test_wrong_types_rejected(tmp_path, text):
+    with pytest.raises(ValueError, match="config key"):
+        load_config(Demo, write(tmp_path / "a.yaml", text))
+
+
+def test_literal_error_names_choices(tmp_path):
+    with pytest.raises(ValueError, match=r"\['step', 'cosine'\]"):
+        load_config(Demo, None, {"sched": "linear"})
+
+
+def test_overrides_win_and_none_is_ignored(tmp_path):
+    cfg = load_config(Demo, write(tmp_path / "a.yaml", "lr: 0.5\nepochs: 7\n"), {"lr": 0.2, "epochs": None})
+    assert cfg.lr == 0.2 and cfg.epochs == 7
+
+
+def test_base_inheritance_is_shallow(tmp_path):
+    write(tmp_path / "base.yaml", "lr: 0.5\nepochs: 7\noptions: {a: 1, b: 2}\n")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    child = write(sub / "child.yaml", "_base_: ../base.yaml\nepochs: 9\noptions: {c: 3}\n")
+    cfg = load_config(Demo, child)
+    assert cfg.lr == 0.5  # from the base
+    assert cfg.epochs == 9  # child wins
+    assert cfg.options == {"c": 3}  # replaced whole, not merged
+
+
+def test_two_level_base_rejected(tmp_path):
+    write(tmp_path / "a.yaml", "lr: 0.5\n")
+    write(tmp_path / "b.yaml", "_base_: a.yaml\n")
+    child = write(tmp_path / "c.yaml", "_base_: b.yaml\n")
+    with pytest.raises(ValueError, match="one level"):
+        load_config(Demo, child)
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_config(Demo, tmp_path / "nope.yaml")
+    with pytest.raises(ValueError, match="mapping"):
+        load_config(Demo, write(tmp_path / "a.yaml", "- 1\n- 2\n"))
+
+
+def test_save_config_round_trip(tmp_path):
+    cfg = Demo(lr=0.3, steps=(1, 9), tags=["a"], clip=1.5)
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(Demo, tmp_path / "c.yaml") == cfg
+    assert config_to_dict(cfg)["steps"] == [1, 9]
+
+
+def test_scale_lr():
+    lr, msg = scale_lr(0.1, 256, 64)
+    assert lr == pytest.approx(0.025)
+    assert "linear scaling" in msg and "64" in msg and "256" in msg
+    assert scale_lr(0.1, 256, 1024)[0] == pytest.approx(0.4)
+    assert scale_lr(0.1, 256, 256) == (0.1, None)
+    assert scale_lr(0.1, 256, 64, explicit_lr=0.3) == (0.3, None)
+    with pytest.raises(ValueError):
+        scale_lr(0.1, 0, 64)
+
+
+def test_rescale_schedule():
+    # 30/90 = 1/3 of the run -> 10 of 30; 80/90 * 30 = 26.67 -> 27; warmup 5/90 * 30 = 1.67 -> 2.
+    assert rescale_schedule(90, (30, 60, 80), 5, 30) == ((10, 20, 27), 2)
+    assert rescale_schedule(1000, (500,), 100, 2000) == ((1000,), 200)
+    assert rescale_schedule(90, (30, 60), 0, 1) == ((1, 1), 0)  # never a decay before the first update
+    with pytest.raises(ValueError):
+        rescale_schedule(0, (1,), 0, 10)
+
+
+@pytest.mark.parametrize("name", ["resnet50_v1.yaml", "resnet50_modern.yaml", "shapes.yaml"])
+def test_shipped_recipes_load(name):
+    cfg = load_config(ClsTrainConfig, REPO / "configs" / "cls" / name)
+    assert cfg.epochs > 0 and cfg.model.startswith("resnet")
+
+
+def test_v1_recipe_is_the_classic_one():
+    cfg = load_config(ClsTrainConfig, REPO / "configs" / "cls" / "resnet50_v1.yaml")
+    assert (cfg.epochs, cfg.base_lr, cfg.base_batch_size, cfg.momentum, cfg.weight_decay) == (90, 0.1, 256, 0.9, 1e-4)
+    assert cfg.sched == "multistep" and cfg.decay_milestones == (30, 60, 80) and cfg.decay_rate == 0.1
+    assert cfg.image_size == 224 and cfg.optimizer == "momentum"
+
+
+def test_modern_recipe_settings():
+    cfg = load_config(ClsTrainConfig, REPO / "configs" / "cls" / "resnet50_modern.yaml")
+    assert cfg.epochs == 600 and cfg.sched == "cosine" and cfg.warmup_epochs > 0
+    assert (cfg.label_smoothing, cfg.mixup, cfg.cutmix, cfg.re_prob) == (0.1, 0.2, 1.0, 0.1)
+    assert cfg.ema and cfg.no_weight_decay_norm_bias and cfg.weight_decay == 2e-5
+    assert (cfg.train_image_size, cfg.image_size) == (176, 224)
+    assert cfg.auto_augment.startswith("rand")
+
+
+def test_epochs_override_moves_milestones():
+    cfg, messages = build_config(REPO / "configs" / "cls" / "resnet50_v1.yaml", {"epochs": 30})
+    assert cfg.decay_milestones == (10, 20, 27)
+    assert any("10, 20, 27" in m for m in messages)
+    # Explicit milestones are left alone.
+    cfg, _ = build_config(REPO / "configs" / "cls" / "resnet50_v1.yaml", {"epochs": 30, "decay_milestones": [5]})
+    assert cfg.decay_milestones == (5,)

@@ -1,0 +1,316 @@
+"""Classification training (tools/train_cls.py, tools/eval_cls.py, tools.engine.cls_train) and the engine pieces
+it uses: exact kill-and-resume, divergence stop, data errors, logging, curves, distributed no-ops."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader
+
+import backbones
+from tools import eval_cls, train_cls
+from tools.engine.checkpoint import CheckpointManager, export_weights, load_checkpoint
+from tools.engine.cls_train import (
+    ClsTrainConfig,
+    build_datasets,
+    check_layout,
+    collate_skipping_none,
+    train,
+)
+from tools.engine.config import load_config
+from tools.engine.distributed import all_gather_object, barrier, init_distributed, is_main_process, reduce_dict
+from tools.engine.logger import MetricLogger, progress
+from tools.engine.plots import plot_curves, read_metrics
+from tools.engine.shapes import make_shapes_imagefolder
+from tools.engine.train_utils import check_finite, clip_gradients, resolve_amp
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def one_thread():
+    """Same thread count in-process and in subprocesses: CPU kernels may sum in a thread-dependent order."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tint_data(tmp_path_factory) -> Path:
+    """Two classes told apart by colour (red / blue noise): learnable in a dozen iterations."""
+    root = tmp_path_factory.mktemp("tint")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("val", 8)):
+        for cls, channel in (("blue", 2), ("red", 0)):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 120, size=(32, 32, 3), dtype=np.uint8)
+                img[..., channel] = rng.integers(130, 256, size=(32, 32), dtype=np.uint8)
+                Image.fromarray(img).save(root / split / cls / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_shapes(tmp_path_factory) -> Path:
+    """The synthetic shapes set, 2 classes x 6 train images: 3 iterations per epoch at batch 4."""
+    return make_shapes_imagefolder(tmp_path_factory.mktemp("shapes"), num_classes=2, train_per_class=6,
+                                   val_per_class=2, image_size=32, seed=1)
+
+
+# ----------------------------------------------------------------------------- full runs
+
+
+@pytest.fixture(scope="module")
+def trained_run(tint_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    before = torch.get_num_threads()
+    rc = train_cls.main([
+        "--model", "resnet18", "--config", str(REPO / "configs/cls/shapes.yaml"), "--data", str(tint_data),
+        "--epochs", "2", "--batch-size", "8", "--lr", "1e-3", "--image-size", "32", "--output-dir", str(out),
+        "--device", "cpu", "--workers", "0", "--seed", "0",
+    ])
+    torch.set_num_threads(before)
+    assert rc == 0
+    return out
+
+
+def test_short_run_learns_and_writes_outputs(trained_run):
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert set(metrics) == {"top1", "top5"}
+    assert metrics["top1"] >= 0.75  # chance is 0.5
+    assert metrics["top5"] == 1.0  # k = min(5, 2 classes)
+    records = read_metrics(trained_run / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all({"train_loss", "lr", "top1", "top5"} <= set(r) for r in records)
+    assert records[-1]["top1"] == metrics["top1"]
+    assert (trained_run / "curves.png").stat().st_size > 1000
+    assert list(trained_run.glob("events.out.tfevents.*"))
+    assert load_config(ClsTrainConfig, trained_run / "config.yaml").epochs == 2
+
+
+def test_final_weights_load_into_backbones(trained_run):
+    final = load_checkpoint(trained_run / "model_final.pth")
+    assert final["model_name"] == "resnet18" and final["class_names"] == ["blue", "red"]
+    model = backbones.resnet18(num_classes=2)
+    backbones.load_weights(model, trained_run / "model_final.pth")
+    for k, v in final["model"].items():
+        assert torch.equal(model.state_dict()[k], v), k
+    # Detection fine-tuning starts from the same file: a feature extractor drops the classifier.
+    features = backbones.resnet18(out_features=("c4", "c5"))
+    backbones.load_weights(features, trained_run / "model_final.pth")
+
+
+def test_eval_cls_matches_training_and_reads_safetensors(trained_run, tint_data, tmp_path, capsys):
+    expected = json.loads((trained_run / "metrics.json").read_text())
+    out_json = tmp_path / "eval.json"
+    assert eval_cls.main(["--weights", str(trained_run / "model_final.pth"), "--data", str(tint_data),
+                          "--workers", "0", "--device", "cpu", "--output", str(out_json)]) == 0
+    assert json.loads(out_json.read_text()) == pytest.approx(expected)
+    assert "top1" in capsys.readouterr().out
+    # Exported weights carry no metadata: name the model and the eval transform.
+    st = export_weights(load_checkpoint(trained_run / "model_final.pth")["model"], tmp_path / "w.safetensors")
+    assert eval_cls.main(["--weights", str(st), "--model", "resnet18", "--data", str(tint_data), "--image-size", "32",
+                          "--crop-pct", "1.0", "--workers", "0", "--device", "cpu", "--output", str(out_json)]) == 0
+    assert json.loads(out_json.read_text()) == pytest.approx(expected)
+
+
+def _resume_config(path: Path, data: Path) -> Path:
+    """Every RNG consumer on: RandAugment, random erasing, mixup/cutmix, drop path, EMA; mid-epoch checkpoints."""
+    cfg = {
+        "model": "resnet18", "model_options": {"drop_path_rate": 0.1}, "data": str(data),
+        "image_size": 32, "crop_pct": 1.0, "auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25,
+        "mixup": 0.2, "cutmix": 1.0, "label_smoothing": 0.1, "ema": True, "ema_decay": 0.9,
+        "epochs": 2, "batch_size": 4, "lr": 0.01, "sched": "cosine", "warmup_epochs": 1,
+        "weight_decay": 2.0e-5, "no_weight_decay_norm_bias": True, "clip_grad_norm": 5.0,
+        "device": "cpu", "workers": 0, "seed": 3, "checkpoint_period": 2, "keep_last": 2,
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_sigkill_and_resume_gives_identical_weights(tiny_shapes, tmp_path, one_thread, caplog):
+    config = _resume_config(tmp_path / "resume.yaml", tiny_shapes)
+    ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed"
+
+    # 1. Uninterrupted reference.
+    ref = train(load_config(ClsTrainConfig, config, {"output_dir": str(ref_dir)}))
+
+    # 2. The same run in a subprocess, killed with SIGKILL once its first checkpoint (mid-epoch 1) exists.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "tools/train_cls.py"), "--config", str(config), "--output-dir", str(run_dir)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 240
+    while not (run_dir / "model_0000002.pth").exists():
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (run_dir / "model_final.pth").exists()
+
+    # 3. Resume in the killed run's folder.
+    with caplog.at_level(logging.INFO, logger="tools.engine.cls_train"):
+        resumed = train(load_config(ClsTrainConfig, config, {"output_dir": str(run_dir)}), resume=True)
+    assert "resumed from" in caplog.text
+    assert resumed == ref
+
+    a = load_checkpoint(ref_dir / "model_final.pth")
+    b = load_checkpoint(run_dir / "model_final.pth")
+    for key in ("model", "model_ema"):
+        assert a[key].keys() == b[key].keys()
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"
+    assert len(CheckpointManager(run_dir).checkpoints()) == 2  # keep_last
+
+
+class _NanAfter(nn.Module):
+    """Cross-entropy that turns NaN from its ``n``-th call: a diverging run."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n, self.calls = n, 0
+
+    def forward(self, logits, targets):
+        self.calls += 1
+        loss = nn.functional.cross_entropy(logits, targets)
+        return loss * float("nan") if self.calls >= self.n else loss
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_shapes, tmp_path):
+    cfg = ClsTrainConfig(model="resnet18", data=str(tiny_shapes), image_size=32, epochs=3, batch_size=4, lr=0.01,
+                         device="cpu", workers=0, output_dir=str(tmp_path))
+    with pytest.raises(FloatingPointError, match=r"iteration 3\b.*loss=nan"):
+        train(cfg, criterion=_NanAfter(4))  # 4th iteration = index 3, the first of epoch 2
+    manager = CheckpointManager(tmp_path)
+    assert [p.name for p in manager.checkpoints()] == ["model_0000003.pth"]
+    assert load_checkpoint(manager.latest())["iteration"] == 3
+    assert not (tmp_path / "model_final.pth").exists()
+
+
+# ----------------------------------------------------------------------------- data errors
+
+
+def test_bad_layouts_give_clear_errors(tmp_path, capsys):
+    with pytest.raises(ValueError, match="Expected layout"):
+        check_layout(tmp_path / "missing")
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no val folder.*Expected layout"):
+        check_layout(tmp_path)
+    (tmp_path / "val").mkdir()
+    cfg = ClsTrainConfig(image_size=32)
+    with pytest.raises(ValueError, match="Expected layout"):  # class folder "a" holds no image
+        build_datasets(tmp_path, cfg)
+    # The command line turns these into a message and exit status 2, not a traceback.
+    assert train_cls.main(["--data", str(tmp_path / "missing"), "--device", "cpu"]) == 2
+    assert "Expected layout" in capsys.readouterr().err
+
+
+def test_train_val_class_mismatch(tmp_path):
+    for split, cls in (("train", "a"), ("val", "b")):
+        (tmp_path / split / cls).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / split / cls / "x.png")
+    with pytest.raises(ValueError, match="class folders differ"):
+        build_datasets(tmp_path, ClsTrainConfig(image_size=8))
+
+
+def test_unreadable_image_named_or_skipped(tiny_shapes, tmp_path):
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for cls_dir in (tiny_shapes / split).iterdir():
+            (root / split / cls_dir.name).mkdir(parents=True)
+            for f in sorted(cls_dir.iterdir())[:2]:
+                (root / split / cls_dir.name / f.name).write_bytes(f.read_bytes())
+    bad = root / "train" / "circle" / "broken.JPEG"
+    bad.write_bytes(b"\xff\xd8 this is not a jpeg")
+    train_set, _, _ = build_datasets(root, ClsTrainConfig(image_size=32))
+    index = [p for p, _ in train_set.samples].index(str(bad))
+    with pytest.raises(RuntimeError, match="broken.JPEG"):
+        train_set[index]
+    skip_set, _, _ = build_datasets(root, ClsTrainConfig(image_size=32, skip_bad_images=True))
+    batches = list(DataLoader(skip_set, batch_size=len(skip_set), collate_fn=collate_skipping_none))
+    images, targets, skipped = batches[0]
+    assert skipped == 1 and len(images) == len(targets) == len(skip_set) - 1
+
+
+# ----------------------------------------------------------------------------- engine pieces
+
+
+def test_check_finite_names_iteration_and_terms():
+    check_finite({"loss_cls": torch.tensor(0.5)}, 3)
+    with pytest.raises(FloatingPointError, match=r"iteration 12: loss_cls=0.5, loss_box=inf"):
+        check_finite({"loss_cls": torch.tensor(0.5), "loss_box": torch.tensor(float("inf"))}, 12)
+
+
+def test_clip_gradients():
+    p = nn.Parameter(torch.zeros(4))
+    p.grad = torch.tensor([3.0, 4.0, 0.0, 0.0])
+    assert clip_gradients([p], None) is None
+    norm = clip_gradients([p], 1.0)
+    assert norm.item() == pytest.approx(5.0)
+    assert p.grad.norm().item() == pytest.approx(1.0, rel=1e-4)
+    with pytest.raises(ValueError):
+        clip_gradients([p], 0.0)
+
+
+def test_amp_policy():
+    cpu = torch.device("cpu")
+    assert resolve_amp(cpu, False) == (None, False)
+    assert resolve_amp(cpu, True) == (torch.bfloat16, False)
+    assert resolve_amp(cpu, True, "float16") == (torch.float16, True)
+    with pytest.raises(ValueError, match="bfloat16"):
+        resolve_amp(cpu, True, "int8")
+
+
+def test_metric_logger_and_curves(tmp_path, capsys):
+    log = MetricLogger(tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # constructing writes nothing
+    for step in (1, 2, 3):
+        log.log(step, loss=torch.tensor(1.0 / step), top1=0.1 * step)
+    log.log(4, loss=float("nan"))
+    log.close()
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert records[0] == {"step": 1, "loss": 1.0, "top1": pytest.approx(0.1)}
+    assert records[3] == {"step": 4, "loss": None}
+    assert list((tmp_path / "run").glob("events.out.tfevents.*"))
+    png = plot_curves(tmp_path / "run" / "metrics.jsonl", tmp_path / "c.png", ["loss", "top1", "absent"])
+    assert png.stat().st_size > 1000
+    MetricLogger(tmp_path / "off", enabled=False).log(1, loss=1.0)
+    assert not (tmp_path / "off").exists()
+    bar = progress(10, initial=4, enabled=True, desc="train")
+    bar.set_postfix(loss="0.123", lr="1e-3")
+    bar.update()
+    bar.close()
+    shown = capsys.readouterr().err
+    assert bar.n == 5 and "5/10" in shown and "loss=0.123" in shown and "it/s" in shown
+    quiet = progress(10, enabled=False)
+    quiet.update()
+    quiet.close()
+    assert capsys.readouterr().err == ""
+
+
+def test_distributed_helpers_single_process(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    info = init_distributed("cpu")
+    assert (info.rank, info.world_size, info.enabled, info.device) == (0, 1, False, torch.device("cpu"))
+    assert is_main_process()
+    barrier()
+    assert all_gather_object({"a": 1}) == [{"a": 1}]
+    assert reduce_dict({"loss": torch.tensor(2.5)})["loss"].item() == 2.5
+    with pytest.raises(ValueError, match="cpu"):
+        init_distributed("tpu")

@@ -1,0 +1,253 @@
+"""Typed configs: dataclasses loaded from YAML, checked and coerced, plus schedule helpers.
+
+A config is a plain ``@dataclass`` whose fields have simple type hints (``int``, ``float``,
+``bool``, ``str``, ``X | None``, ``tuple[...]``, ``list[...]``, ``dict``, ``Literal[...]``).
+:func:`load_config` reads a YAML mapping into it, rejects unknown keys (listing the valid
+ones), coerces simple types and applies overrides (typically from command-line flags).
+
+Inheritance is explicit and shallow: a YAML file may name one parent with
+``_base_: other.yaml`` (path relative to the file). The parent's keys are read first and the
+child's keys replace them whole (a ``dict`` value is replaced, not merged). A parent may
+not itself have a ``_base_``.
+
+Example::
+
+    @dataclass
+    class TrainConfig:
+        lr: float = 0.1
+        steps: tuple[int, ...] = (30, 60)
+
+    cfg = load_config(TrainConfig, "configs/x.yaml", {"lr": 0.02})
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+__all__ = ["load_config", "config_to_dict", "save_config", "scale_lr", "rescale_schedule"]
+
+T = TypeVar("T")
+_BASE_KEY = "_base_"
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path} must hold a YAML mapping at top level, got {type(data).__name__}")
+    return data
+
+
+def _read_with_base(path: Path) -> dict[str, Any]:
+    data = _read_yaml(path)
+    base_name = data.pop(_BASE_KEY, None)
+    if base_name is None:
+        return data
+    base_path = (path.parent / str(base_name)).resolve()
+    base = _read_yaml(base_path)
+    if _BASE_KEY in base:
+        raise ValueError(
+            f"config {path}: its base {base_path} has its own {_BASE_KEY!r}; "
+            "inheritance is limited to one level, copy the needed keys instead"
+        )
+    return {**base, **data}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Return ``value`` converted to type ``tp`` or raise ``ValueError`` naming the field."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ValueError(f"config key {name!r} may not be null (expected {_type_name(tp)})")
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, name)
+            except ValueError:
+                pass
+        raise ValueError(f"config key {name!r}: cannot read {value!r} as {_type_name(tp)}")
+    if value is None:
+        raise ValueError(f"config key {name!r} may not be null (expected {_type_name(tp)})")
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"config key {name!r} must be one of {list(args)}, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ValueError(f"config key {name!r} must be a bool (true/false), got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError(f"config key {name!r} must be an int, got bool {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ValueError(f"config key {name!r} must be an int, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"config key {name!r} must be a float, got bool {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            # PyYAML reads "1e-4" (no dot) as a string; accept it as the number it clearly is.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"config key {name!r} must be a float, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"config key {name!r} must be a string, got {value!r}")
+    if origin in (tuple, list) or tp in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key {name!r} must be a list, got {value!r}")
+        container = tuple if (origin is tuple or tp is tuple) else list
+        if not args:
+            return container(value)
+        if container is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                raise ValueError(f"config key {name!r} must have {len(args)} items, got {value!r}")
+            return tuple(_coerce(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return container(_coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"config key {name!r} must be a mapping, got {value!r}")
+        return dict(value)
+    # Unknown annotation: pass the value through unchanged.
+    return value
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:
+    """Build a ``cls`` dataclass from the defaults, then ``path`` (YAML), then ``overrides``.
+
+    Args:
+        cls: a dataclass type whose fields all have defaults.
+        path: YAML file (may name one ``_base_`` parent); ``None`` uses the defaults only.
+        overrides: key -> value applied last; ``None`` values in it are ignored so that
+            unset command-line flags can be passed through as they are.
+
+    Raises:
+        ValueError: on an unknown key (the message lists the valid keys) or a value that
+            cannot be read as the field's type.
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"load_config needs a dataclass type, got {cls!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    sources: list[tuple[str, dict[str, Any]]] = []
+    if path is not None:
+        sources.append((str(path), _read_with_base(Path(path))))
+    if overrides:
+        sources.append(("overrides", {k: v for k, v in overrides.items() if v is not None}))
+    for origin, data in sources:
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ValueError(
+                f"unknown config key(s) {unknown} in {origin} for {cls.__name__}; "
+                f"valid keys: {sorted(fields)}"
+            )
+        for key, value in data.items():
+            values[key] = _coerce(value, hints[key], key)
+    return cls(**values)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain dict of a config (tuples become lists), safe for YAML/JSON and ``torch.load(weights_only=True)``."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        return v
+
+    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write ``cfg`` as YAML (loadable again with :func:`load_config`)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+
+
+def scale_lr(
+    base_lr: float, base_batch: int, batch: int, explicit_lr: float | None = None
+) -> tuple[float, str | None]:
+    """Learning rate for ``batch`` by the linear scaling rule (Goyal et al., 2017).
+
+    Returns ``(lr, message)``. ``explicit_lr``, when given, is used as is (message ``None``).
+    Otherwise ``lr = base_lr * batch / base_batch`` and, when that differs from ``base_lr``,
+    the message says so, for the training log.
+
+    Example::
+
+        >>> scale_lr(0.1, 256, 64)
+        (0.025, 'linear scaling rule: lr = 0.1 x 64 / 256 = 0.025')
+    """
+    if explicit_lr is not None:
+        if explicit_lr <= 0:
+            raise ValueError(f"lr must be > 0, got {explicit_lr}")
+        return float(explicit_lr), None
+    if base_lr <= 0 or base_batch <= 0 or batch <= 0:
+        raise ValueError(
+            f"base_lr, base_batch and batch must be > 0, got base_lr={base_lr}, base_batch={base_batch}, batch={batch}"
+        )
+    if batch == base_batch:
+        return float(base_lr), None
+    lr = base_lr * batch / base_batch
+    return lr, f"linear scaling rule: lr = {base_lr:g} x {batch} / {base_batch} = {lr:g}"
+
+
+def rescale_schedule(
+    base_iters: int, steps: typing.Sequence[int], warmup: int, new_iters: int
+) -> tuple[tuple[int, ...], int]:
+    """Move decay ``steps`` and ``warmup`` length from a ``base_iters`` run to a ``new_iters`` run.
+
+    Each keeps its fraction of the run (rounded; a positive step stays >= 1), so a recipe written
+    for 90 epochs with decays at 30/60/80 decays at 10/20/27 when run for 30. Works for epochs or
+    iterations.
+
+    Example::
+
+        >>> rescale_schedule(90, (30, 60, 80), 5, 30)
+        ((10, 20, 27), 2)
+    """
+    if base_iters <= 0 or new_iters <= 0:
+        raise ValueError(f"base_iters and new_iters must be > 0, got {base_iters} and {new_iters}")
+    if warmup < 0 or any(s < 0 for s in steps):
+        raise ValueError(f"steps and warmup must be >= 0, got steps={list(steps)}, warmup={warmup}")
+    ratio = new_iters / base_iters
+    # A step that rounds to 0 would decay before the first update; keep it at 1 at least.
+    new_steps = tuple(max(1, int(round(s * ratio))) if s > 0 else 0 for s in steps)
+    return new_steps, int(round(warmup * ratio))

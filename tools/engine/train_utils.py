@@ -1,0 +1,95 @@
+"""Small pieces every training loop needs: seeding, AMP policy, divergence checks, gradient clipping."""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from typing import Iterable, Literal, Mapping, NamedTuple
+
+import numpy as np
+import torch
+
+__all__ = ["seed_everything", "AmpSettings", "resolve_amp", "autocast", "check_finite", "clip_gradients"]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python ``random``, numpy and torch (CPU and all CUDA devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class AmpSettings(NamedTuple):
+    """Mixed precision choice: autocast ``dtype`` (``None`` = full fp32) and whether a GradScaler is needed."""
+
+    dtype: torch.dtype | None
+    use_scaler: bool
+
+
+def resolve_amp(
+    device: torch.device, enabled: bool, dtype: Literal["auto", "bfloat16", "float16"] = "auto"
+) -> AmpSettings:
+    """Pick the autocast dtype for ``--amp``.
+
+    ``"auto"``: bfloat16 on CPU, and on CUDA where the GPU supports it (Ampere and newer):
+    bf16 has fp32's exponent range, so it needs no loss scaling and cannot overflow to inf
+    where fp32 would not. Older GPUs get float16 with a GradScaler, which skips the steps
+    whose gradients overflow (those skipped steps are not divergence).
+    """
+    if not enabled:
+        return AmpSettings(None, False)
+    if dtype not in ("auto", "bfloat16", "float16"):
+        raise ValueError(f"amp dtype must be 'auto', 'bfloat16' or 'float16', got {dtype!r}")
+    if dtype == "auto":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            dtype = "float16"
+        else:
+            dtype = "bfloat16"
+    if dtype == "bfloat16":
+        return AmpSettings(torch.bfloat16, False)
+    return AmpSettings(torch.float16, True)
+
+
+def autocast(device: torch.device, amp: AmpSettings) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``amp``, or a no-op context when AMP is off."""
+    if amp.dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp.dtype)
+
+
+def check_finite(loss_dict: Mapping[str, torch.Tensor], iteration: int) -> None:
+    """Raise ``FloatingPointError`` if any loss term is NaN or infinite.
+
+    The message names ``iteration`` and every term's value, so a diverged run says where
+    and which loss went first.
+    """
+    values = {k: float(v.detach().float().item()) for k, v in loss_dict.items()}
+    if all(math.isfinite(v) for v in values.values()):
+        return
+    terms = ", ".join(f"{k}={v}" for k, v in values.items())
+    raise FloatingPointError(
+        f"loss became non-finite at iteration {iteration}: {terms}. "
+        "Lower the learning rate, enable gradient clipping (clip_grad_norm) or check the data."
+    )
+
+
+def clip_gradients(
+    parameters: Iterable[torch.nn.Parameter],
+    max_norm: float | None,
+    scaler: torch.amp.GradScaler | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> torch.Tensor | None:
+    """Clip the global gradient norm to ``max_norm`` (``None`` = off); returns the norm before clipping.
+
+    With a GradScaler the gradients are unscaled first (pass the ``optimizer`` it scales),
+    so ``max_norm`` refers to the true gradients.
+    """
+    if max_norm is None:
+        return None
+    if max_norm <= 0:
+        raise ValueError(f"clip_grad_norm must be > 0 or None (off), got {max_norm}")
+    if scaler is not None:
+        if optimizer is None:
+            raise ValueError("clip_gradients with a GradScaler needs the optimizer to unscale")
+        scaler.unscale_(optimizer)
+    return torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
