@@ -1,0 +1,19 @@
+"""Detectors over the ResNet-FPN backbones: Faster R-CNN and Mask R-CNN (torchvision's conventions)."""
+from heads.build import DETECTORS, RESNET_BACKBONES, build_detector
+from heads.detectors import VARIANTS, ClassAgnosticBoxPredictor, FasterRCNN, MaskRCNN
+from heads.inputs import check_images, check_targets
+from heads.weights import CLASS_SPECIFIC_PREFIXES, load_weights
+
+__all__ = [
+    "FasterRCNN",
+    "MaskRCNN",
+    "ClassAgnosticBoxPredictor",
+    "build_detector",
+    "load_weights",
+    "check_images",
+    "check_targets",
+    "DETECTORS",
+    "RESNET_BACKBONES",
+    "VARIANTS",
+    "CLASS_SPECIFIC_PREFIXES",
+]

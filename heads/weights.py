@@ -1,0 +1,103 @@
+"""Loading detector checkpoints: ours, and torchvision's COCO Faster/Mask R-CNN (v1 and v2)."""
+import logging
+import re
+from collections.abc import Mapping
+
+from backbones.weights import Checkpoint, LoadResult, read_checkpoint
+from torch import Tensor, nn
+
+__all__ = ["load_weights", "CLASS_SPECIFIC_PREFIXES"]
+
+logger = logging.getLogger(__name__)
+
+# Layers whose shape depends on the number of classes: left at their initial values when the counts differ.
+CLASS_SPECIFIC_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
+
+# Key layouts of older torchvision checkpoints (e.g. the published COCO v1 files), before the convs became
+# Conv2dNormActivation blocks. Renamed only when the old key is absent from the model and the new one present,
+# so the result does not depend on the module's state-dict version metadata surviving the round trip.
+_LEGACY_KEYS: tuple[tuple[re.Pattern, object], ...] = (
+    (re.compile(r"^(backbone\.fpn\.(?:inner|layer)_blocks\.\d+)\.(weight|bias)$"), r"\1.0.\2"),
+    (re.compile(r"^(rpn\.head\.conv)\.(weight|bias)$"), r"\1.0.0.\2"),
+    (
+        re.compile(r"^(roi_heads\.mask_head)\.mask_fcn(\d+)\.(weight|bias)$"),
+        lambda m: f"{m[1]}.{int(m[2]) - 1}.0.{m[3]}",
+    ),
+)
+
+
+def load_weights(model: nn.Module, checkpoint: Checkpoint, strict: bool = True) -> LoadResult:
+    """Load detector weights into ``model`` (a ``heads`` FasterRCNN/MaskRCNN), in place.
+
+    Args:
+        model: the detector; its module names are torchvision's, so torchvision's checkpoints of
+            ``fasterrcnn_resnet50_fpn(_v2)`` and ``maskrcnn_resnet50_fpn(_v2)`` load into the matching
+            ``build_detector(kind, "resnet50", variant=...)``.
+        checkpoint: a path (``.pth``/``.pt``/``.bin`` read with ``torch.load(weights_only=True)``, or
+            ``.safetensors``) or a state dict; a training checkpoint with the weights under "model" works too.
+            Read with ``backbones.weights.read_checkpoint``.
+        strict: raise ValueError listing any missing, unexpected or wrongly shaped keys (other than the
+            class-specific predictor layers); with False, load what fits and report the rest.
+
+    Returns:
+        ``backbones.LoadResult(missing_keys, unexpected_keys, skipped_keys)``; with ``strict=False`` keys of the
+        wrong shape count as unexpected.
+
+    A checkpoint trained for another number of classes loads everything but the class-specific predictor layers
+    (``CLASS_SPECIFIC_PREFIXES``), which keep their initial values; a warning lists them. BatchNorm's
+    ``num_batches_tracked`` counters are optional on both sides, so BN and FrozenBN backbones load each other.
+
+    Example:
+        >>> model = build_detector("faster_rcnn", "resnet50", num_classes=91, pretrained_backbone=True)
+        >>> load_weights(model, "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth")
+    """
+    state = read_checkpoint(checkpoint)
+    expected = model.state_dict()
+    state = {_upgrade_key(key, expected): value for key, value in state.items()}
+
+    skipped = sorted(
+        key
+        for key, value in state.items()
+        if key.startswith(CLASS_SPECIFIC_PREFIXES) and key in expected and value.shape != expected[key].shape
+    )
+    mismatched = sorted(
+        f"{key} (checkpoint {tuple(value.shape)}, model {tuple(expected[key].shape)})"
+        for key, value in state.items()
+        if key in expected and key not in skipped and value.shape != expected[key].shape
+    )
+    unexpected = sorted(key for key in state if key not in expected and not _is_counter(key))
+    missing = sorted(key for key in expected if key not in state and key not in skipped and not _is_counter(key))
+    if strict and (missing or unexpected or mismatched):
+        raise ValueError(
+            "checkpoint does not match the model:"
+            + "".join(
+                f"\n  {what} ({len(keys)}): {', '.join(keys)}"
+                for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
+                if keys
+            )
+            + "\nbuild the model with the checkpoint's kind/backbone/variant, or pass strict=False"
+        )
+    if skipped:
+        logger.warning(
+            "checkpoint was trained for another number of classes; not loading the class-specific layers %s "
+            "(they keep their initial values)",
+            ", ".join(skipped),
+        )
+
+    loadable = {key: value for key, value in state.items() if key in expected and value.shape == expected[key].shape}
+    model.load_state_dict(loadable, strict=False)
+    return LoadResult(missing, unexpected + [entry.split(" ")[0] for entry in mismatched], skipped)
+
+
+def _is_counter(key: str) -> bool:
+    return key.endswith("num_batches_tracked")
+
+
+def _upgrade_key(key: str, expected: Mapping[str, Tensor]) -> str:
+    if key in expected:
+        return key
+    for pattern, replacement in _LEGACY_KEYS:
+        new_key = pattern.sub(replacement, key)
+        if new_key != key and new_key in expected:
+            return new_key
+    return key
