@@ -1,0 +1,321 @@
+"""Detection training: schedule, configs, loss falls, outputs, eval-only, DDP, exact resume, divergence, pretrained."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import backbones
+from helpers import randomize_norm_stats
+from tools.engine import det_train
+from tools.engine.coco_eval import METRIC_NAMES
+from tools.engine.config import load_config
+from tools.engine.det_train import DetTrainConfig, WarmupMultiStep, build_config, build_model, model_spec, train
+from tools.engine.shapes import make_shapes_coco
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+# A detector small enough to train a few dozen iterations in seconds on a CPU.
+TINY = {
+    "backbone": "resnet18",
+    "backbone_options": {"base_channels": 8},
+    "fpn_options": {"out_channels": 16},
+    "detector_options": {
+        "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100,
+        "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50,
+        "rpn_batch_size_per_image": 64, "box_batch_size_per_image": 32,
+        "box_detections_per_img": 20, "box_score_thresh": 0.0,  # detections even from an untrained model
+    },
+    "min_sizes": [64],
+    "max_size": 128,
+    "batch_size": 2,
+    "base_lr": 0.16,
+    "base_batch_size": 16,  # -> lr 0.02 at batch 2, and the scaling message
+    "warmup_iters": 2,
+    "warmup_factor": 0.1,
+    "steps": [1000],
+    "workers": 0,
+    "log_every": 1,
+    "checkpoint_every": None,
+    "vis_images": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> dict:
+    paths = make_shapes_coco(tmp_path_factory.mktemp("shapes"), num_train=8, num_val=4, image_size=(64, 64))
+    return {k: str(v) for k, v in paths.items()}
+
+
+def tiny_config(shapes: dict, output_dir: Path, **overrides) -> DetTrainConfig:
+    return load_config(DetTrainConfig, None, {**TINY, **shapes, "output_dir": str(output_dir), **overrides})
+
+
+def write_tiny_yaml(path: Path, shapes: dict, **overrides) -> Path:
+    path.write_text(yaml.safe_dump({**TINY, **shapes, **overrides}))
+    return path
+
+
+def losses(output_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+# ----------------------------------------------------------------------------- schedule and configs
+
+
+def test_warmup_multistep_factors():
+    f = WarmupMultiStep(steps=(60, 80), gamma=0.1, warmup_iters=10, warmup_factor=0.001)
+    assert f(0) == pytest.approx(0.001)
+    assert f(5) == pytest.approx(0.001 * 0.5 + 0.5)  # halfway through the linear ramp
+    assert f(10) == 1.0 and f(59) == 1.0
+    assert f(60) == pytest.approx(0.1) and f(79) == pytest.approx(0.1)
+    assert f(80) == pytest.approx(0.01)
+
+
+def test_iters_rescales_steps_and_warmup():
+    recipe = CONFIGS / "faster_rcnn_R50_FPN_1x.yaml"
+    cfg, messages = build_config(recipe, {"iters": 9000})
+    assert cfg.iters == 9000
+    assert cfg.steps == (6000, 8000)  # 60k/80k of 90k keep their fractions
+    assert cfg.warmup_iters == 100
+    assert any("6000" in m for m in messages)
+    # explicitly given steps are kept as given
+    cfg, _ = build_config(recipe, {"iters": 9000, "steps": [5000]})
+    assert cfg.steps == (5000,)
+
+
+def test_unknown_config_key_lists_valid_keys(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("backbone: resnet18\nlearning_rate: 0.1\n")
+    with pytest.raises(ValueError, match="learning_rate") as info:
+        build_config(bad)
+    assert "base_lr" in str(info.value)  # the valid keys are listed
+
+
+@pytest.mark.parametrize(
+    "name, detector, backbone, iters, steps",
+    [
+        ("faster_rcnn_R50_FPN_1x", "faster_rcnn", "resnet50", 90000, (60000, 80000)),
+        ("faster_rcnn_R50_FPN_3x", "faster_rcnn", "resnet50", 270000, (210000, 250000)),
+        ("mask_rcnn_R50_FPN_1x", "mask_rcnn", "resnet50", 90000, (60000, 80000)),
+        ("mask_rcnn_R50_FPN_3x", "mask_rcnn", "resnet50", 270000, (210000, 250000)),
+        ("faster_rcnn_R101_FPN_3x", "faster_rcnn", "resnet101", 270000, (210000, 250000)),
+        ("mask_rcnn_R101_FPN_3x", "mask_rcnn", "resnet101", 270000, (210000, 250000)),
+    ],
+)
+def test_recipes(name, detector, backbone, iters, steps):
+    cfg, messages = build_config(CONFIGS / f"{name}.yaml")
+    assert (cfg.detector, cfg.backbone, cfg.iters, cfg.steps) == (detector, backbone, iters, steps)
+    assert cfg.batch_size * 8 == cfg.base_batch_size == 16 and cfg.base_lr == 0.02
+    assert (cfg.warmup_iters, cfg.warmup_factor, cfg.momentum, cfg.weight_decay) == (1000, 0.001, 0.9, 1e-4)
+    assert cfg.min_sizes == (640, 672, 704, 736, 768, 800) and cfg.max_size == 1333
+    assert messages == []
+
+
+def test_shapes_recipe_loads():
+    cfg, _ = build_config(CONFIGS / "shapes.yaml")
+    assert cfg.train_images is None  # the built-in set
+
+
+def test_partial_dataset_arguments_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="val_ann"):
+        build_config(None, {"train_images": str(tmp_path), "train_ann": str(tmp_path / "a.json")})
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def faster_run(shapes, tmp_path_factory):
+    out = tmp_path_factory.mktemp("faster")
+    cfg = tiny_config(shapes, out, iters=30, eval_every=15)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger(det_train.__name__).addHandler(handler)
+    logging.getLogger(det_train.__name__).setLevel(logging.INFO)
+    try:
+        metrics = train(cfg)
+    finally:
+        logging.getLogger(det_train.__name__).removeHandler(handler)
+    return out, metrics, [r.getMessage() for r in records]
+
+
+def test_faster_rcnn_trains_and_writes_outputs(faster_run):
+    out, metrics, messages = faster_run
+    loss = losses(out)
+    assert len(loss) == 30
+    assert sum(loss[-5:]) / 5 < 0.8 * sum(loss[:5]) / 5
+    assert any("linear scaling rule: lr = 0.16 x 2 / 16 = 0.02" in m for m in messages)
+
+    saved = json.loads((out / "metrics.json").read_text())
+    assert set(saved) == {"bbox"} and set(saved["bbox"]) == set(METRIC_NAMES)
+    assert saved == metrics
+    results = json.loads((out / "coco_results.json").read_text())
+    assert results and {r["category_id"] for r in results} <= {1, 3, 7}  # the dataset's own (sparse) ids
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "bbox_AP" in r] == [15, 30]  # periodic and final evaluation
+    for name in ("loss_curve.png", "val_predictions.png", "config.yaml", "model_final.pth"):
+        assert (out / name).stat().st_size > 0
+    assert list(out.glob("events.out.tfevents.*"))
+
+    final = torch.load(out / "model_final.pth", weights_only=True)
+    assert final["iteration"] == 30
+    assert final["model_spec"]["kind"] == "faster_rcnn" and final["model_spec"]["num_classes"] == 4
+    assert final["label_to_cat_id"] == {1: 1, 2: 3, 3: 7}
+    assert final["class_names"] == ["circle", "rectangle", "triangle"]
+    assert {"optimizer", "scheduler", "rng", "config"} <= set(final)
+
+
+def test_mask_rcnn_trains(shapes, tmp_path):
+    cfg = tiny_config(shapes, tmp_path, detector="mask_rcnn", iters=20, vis_images=1)
+    metrics = train(cfg)
+    loss = losses(tmp_path)
+    assert sum(loss[-5:]) / 5 < 0.8 * sum(loss[:5]) / 5
+    assert set(metrics) == {"bbox", "segm"}
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(saved["segm"]) == set(METRIC_NAMES)
+    results = json.loads((tmp_path / "coco_results.json").read_text())
+    assert all("segmentation" in r for r in results)
+
+
+def test_eval_only_reproduces_final_metrics(faster_run, shapes, tmp_path):
+    out, metrics, _ = faster_run
+    weights = out / "model_final.pth"
+    again = det_train.run_from_args(
+        None, {**TINY, **shapes, "weights": str(weights), "output_dir": str(tmp_path)}, eval_only=True
+    )
+    assert again == metrics
+    assert set(json.loads((tmp_path / "metrics.json").read_text())["bbox"]) == set(METRIC_NAMES)
+
+
+def test_nonfinite_loss_stops_with_message_and_keeps_checkpoint(shapes, tmp_path, monkeypatch):
+    real_build = det_train.build_model
+
+    def build_diverging(spec):
+        model = real_build(spec)
+        calls = {"n": 0}
+        forward = model.forward
+
+        def diverging_forward(images, targets=None):
+            out = forward(images, targets)
+            if model.training:
+                calls["n"] += 1
+                if calls["n"] > 4:
+                    out["loss_box_reg"] = out["loss_box_reg"] * float("nan")
+            return out
+
+        model.forward = diverging_forward
+        return model
+
+    monkeypatch.setattr(det_train, "build_model", build_diverging)
+    cfg = tiny_config(shapes, tmp_path, iters=10, checkpoint_every=2)
+    with pytest.raises(FloatingPointError, match="iteration 4.*loss_box_reg=nan"):
+        train(cfg)
+    assert sorted(p.name for p in tmp_path.glob("model_*.pth")) == ["model_0000002.pth", "model_0000004.pth"]
+
+
+def test_pretrained_classification_checkpoint_loads_into_backbone(tmp_path):
+    classifier = randomize_norm_stats(backbones.resnet18(num_classes=4))
+    state = classifier.state_dict()
+    torch.save({"model": state}, tmp_path / "model_final.pth")
+
+    cfg = load_config(DetTrainConfig, None, {**TINY, "backbone_options": {}, "pretrained": str(tmp_path / "model_final.pth")})
+    model = build_model(model_spec(cfg, 4))
+    det_train.load_start_weights(model, cfg.pretrained, cfg.weights)
+    body = model.backbone.body.state_dict()
+    compared = 0
+    for key, value in state.items():
+        if key.startswith("fc.") or key.endswith("num_batches_tracked"):
+            continue
+        assert torch.equal(body[key], value), key
+        compared += 1
+    assert compared > 50
+    # pretrained defaults: FrozenBN, stem and c2 frozen, the rest trainable
+    assert isinstance(model.backbone.body.bn1, backbones.FrozenBatchNorm2d)
+    assert not model.backbone.body.conv1.weight.requires_grad
+    assert not model.backbone.body.layer1[0].conv1.weight.requires_grad
+    assert model.backbone.body.layer2[0].conv1.weight.requires_grad
+
+
+def test_detector_weights_with_other_class_count_skip_the_predictor(caplog):
+    cfg = load_config(DetTrainConfig, None, TINY)
+    source = build_model(model_spec(cfg, 6))
+    target = build_model(model_spec(cfg, 4))
+    with caplog.at_level(logging.WARNING):
+        det_train.load_start_weights(target, None, source.state_dict())
+    assert "another number of classes" in caplog.text
+    assert torch.equal(target.rpn.head.cls_logits.weight, source.rpn.head.cls_logits.weight)
+    assert target.roi_heads.box_predictor.cls_score.weight.shape[0] == 4
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def test_killed_and_resumed_run_matches_uninterrupted(shapes, tmp_path):
+    config = write_tiny_yaml(tmp_path / "tiny.yaml", shapes, iters=12, checkpoint_every=3, keep_last=None)
+    full = tmp_path / "full"
+    train(tiny_config(shapes, full, iters=12, checkpoint_every=3))
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "tools/train_det.py", "--config", str(config), "--output-dir", str(killed)],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        # same intra-op thread count as this process: float reductions split by thread may round differently
+        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not (killed / "model_0000006.pth").exists():
+            assert proc.poll() is None, "training exited before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "model_final.pth").exists()
+
+    train(tiny_config(shapes, killed, iters=12, checkpoint_every=3), resume=True)
+    expected = torch.load(full / "model_final.pth", weights_only=True)["model"]
+    resumed = torch.load(killed / "model_final.pth", weights_only=True)["model"]
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        assert torch.equal(expected[key], resumed[key]), key
+
+
+def test_torchrun_two_process_gloo(shapes, tmp_path):
+    config = write_tiny_yaml(tmp_path / "tiny.yaml", shapes, iters=4, vis_images=1)
+    out = tmp_path / "ddp"
+    result = _run(
+        ["-m", "torch.distributed.run", "--nproc_per_node", "2", "tools/train_det.py", "--config", str(config),
+         "--device", "cpu", "--output-dir", str(out)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "x 4 / 16" in result.stderr  # lr scaled for 2 processes x 2 images
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["bbox"]) == set(METRIC_NAMES)
+    results = json.loads((out / "coco_results.json").read_text())
+    val_ids = {img["id"] for img in json.loads(Path(shapes["val_ann"]).read_text())["images"]}
+    # detections of both ranks' images were gathered (each rank evaluates every other image)
+    assert {r["image_id"] for r in results} <= val_ids
+    assert len({r["image_id"] for r in results}) > len(val_ids) // 2
+    assert (out / "model_final.pth").is_file()
