@@ -32,13 +32,16 @@ _REPRESENTATION_SIZE = 1024  # width of the box head's output (both variants)
 _MASK_HEAD_WIDTH = 256
 
 
-def _default_roi_pool(featmap_names: Sequence[str], output_size: int, sampling_ratio: int) -> nn.Module:
-    """The multi-level RoIAlign used for the default box and mask pools (the one place to swap its kernel).
+def _default_roi_pool(levels: dict[str, int], output_size: int, sampling_ratio: int) -> nn.Module:
+    """The multi-level RoIAlign over ``levels`` (name -> stride) for the default box and mask pools.
+
+    The scales come from the declared strides: torchvision infers them from the first batch, which is wrong
+    (and then cached) when batch padding is large relative to the image, e.g. 65 px padded to 96.
 
     ``heads.ops.MultiScaleRoIAlign``: torchvision's module and results with a parallel CPU kernel (torchvision's
     serial CPU backward took about 45% of an R18-FPN training step on 2 cores; see heads/ops.py).
     """
-    return MultiScaleRoIAlign(featmap_names=list(featmap_names), output_size=output_size, sampling_ratio=sampling_ratio)
+    return MultiScaleRoIAlign(list(levels), output_size, sampling_ratio, strides=list(levels.values()))
 
 
 class ClassAgnosticBoxPredictor(nn.Module):
@@ -157,7 +160,7 @@ class FasterRCNN(GeneralizedRCNN):
             raise ValueError("class_agnostic_box_reg builds the default box predictor; do not pass box_predictor too")
         levels = _feature_levels(backbone)
         channels = backbone.out_channels
-        roi_levels = [name for name, stride in levels.items() if _ROI_MIN_STRIDE <= stride <= _ROI_MAX_STRIDE]
+        roi_levels = {name: stride for name, stride in levels.items() if _ROI_MIN_STRIDE <= stride <= _ROI_MAX_STRIDE}
         if not roi_levels and (box_roi_pool is None):
             raise ValueError(
                 f"the backbone has no level of stride {_ROI_MIN_STRIDE}..{_ROI_MAX_STRIDE} to pool RoIs from "

@@ -32,6 +32,7 @@ too large (adaptive sampling on huge boxes), the functions call torchvision's op
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -42,7 +43,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 from torchvision.ops._utils import convert_boxes_to_roi_format
-from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
+from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales, initLevelMapper
 
 __all__ = ["roi_align", "MultiScaleRoIAlign"]
 
@@ -414,6 +415,27 @@ class MultiScaleRoIAlign(torchvision.ops.MultiScaleRoIAlign):
         >>> pool(feats, [torch.tensor([[0.0, 0.0, 100.0, 80.0]])], [(256, 256)]).shape
         torch.Size([1, 8, 7, 7])
     """
+
+    def __init__(
+        self,
+        featmap_names: list[str],
+        output_size: Union[int, tuple[int, int], list[int]],
+        sampling_ratio: int,
+        *,
+        canonical_scale: int = 224,
+        canonical_level: int = 4,
+        strides: Optional[Sequence[int]] = None,
+    ) -> None:
+        """Args as torchvision's, plus ``strides``: each level's declared stride, which fixes the scales up front
+        instead of inferring them from the first batch's padded size."""
+        super().__init__(featmap_names, output_size, sampling_ratio, canonical_scale=canonical_scale,
+                         canonical_level=canonical_level)
+        if strides is not None:
+            if len(strides) != len(featmap_names):
+                raise ValueError(f"strides {list(strides)} must give one stride per level of {featmap_names}")
+            self.scales = [1.0 / s for s in strides]
+            levels = [int(round(math.log2(s))) for s in strides]
+            self.map_levels = initLevelMapper(levels[0], levels[-1], canonical_scale, canonical_level)
 
     def forward(
         self,

@@ -422,3 +422,18 @@ def test_frozen_bn_and_bn_checkpoints_load_each_other(faster: nn.Module) -> None
     assert torch.equal(frozen.backbone.body.bn1.running_var, faster.backbone.body.bn1.running_var)
     result = heads.load_weights(_detector("faster_rcnn"), frozen.state_dict())
     assert result.missing_keys == []
+
+
+def test_roi_scales_come_from_declared_strides_not_the_first_batch():
+    """A 65 px image is padded to 96: inferring scales from that batch (torchvision's way) gives p2 = 1/2."""
+    from heads import build_detector
+
+    model = build_detector(
+        "mask_rcnn", backbone="resnet18", num_classes=3, min_size=65, max_size=100,
+        backbone_options={"base_channels": 16}, fpn_options={"out_channels": 32},
+    ).eval()
+    with torch.no_grad():
+        model([torch.rand(3, 65, 90)])
+    for pool in (model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool):
+        assert pool.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+        assert (pool.map_levels.k_min, pool.map_levels.k_max) == (2, 5)
