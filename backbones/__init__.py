@@ -1,6 +1,7 @@
 """resdet backbones: ResNet family as classifier or multi-scale feature extractor, FPN, timm models, weights."""
 from .fpn import FPN
 from .norm import FrozenBatchNorm2d
+from .optimize import BF16_TOLERANCE, bf16_supported, fold_norms_, optimize_for_inference
 from .resnet import (
     ARCH_SETTINGS,
     FACTORIES,
@@ -22,6 +23,7 @@ from .weights import LoadResult, load_weights, read_checkpoint
 
 __all__ = [
     "ARCH_SETTINGS",
+    "BF16_TOLERANCE",
     "FACTORIES",
     "BasicBlock",
     "Bottleneck",
@@ -31,7 +33,10 @@ __all__ = [
     "ResNet",
     "ShapeSpec",
     "TimmBackbone",
+    "bf16_supported",
+    "fold_norms_",
     "load_weights",
+    "optimize_for_inference",
     "read_checkpoint",
     "resnet18",
     "resnet34",
