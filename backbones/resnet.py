@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.ops import DeformConv2d, StochasticDepth
 
 from .norm import NormSpec, build_norm, conv_norm
-from .shape_spec import ShapeSpec
+from .shape_spec import ShapeSpec, check_image_batch
 
 __all__ = [
     "ARCH_SETTINGS",
@@ -411,14 +411,17 @@ class ResNet(nn.Module):
         """Channels and stride of every built stage, requested or not."""
         return dict(self._shapes)
 
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the model computes in (that of its first convolution's weight)."""
+        return next(self.conv1.parameters()).dtype
+
     def stages(self) -> list[nn.Sequential]:
         """The built stages c2.. in order (``layer1``, ``layer2``, ...)."""
         return [getattr(self, f"layer{i + 1}") for i in range(len(self._shapes))]
 
     def forward(self, x: Tensor) -> Union[Tensor, "OrderedDict[str, Tensor]"]:
         """Logits ``(N, num_classes)`` for a classifier, else an ordered dict of the requested stage outputs."""
-        if x.dim() != 4 or x.shape[1] != 3 or not x.is_floating_point():
-            raise ValueError(f"ResNet expects a float tensor of shape (N, 3, H, W), got {x.dtype} {tuple(x.shape)}")
+        check_image_batch(x, 3, self.compute_dtype(), "ResNet")
         # channels_last: 1.3x faster eager ResNet-50 inference on a 2-core CPU (BENCHMARKS.md); free on GPU.
         x = x.contiguous(memory_format=torch.channels_last)
         x = self.relu(conv_norm(self.conv1, self.bn1, x))

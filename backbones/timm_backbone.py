@@ -9,7 +9,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import timm
 from torch import Tensor, nn
 
-from .shape_spec import ShapeSpec
+from .shape_spec import ShapeSpec, check_image_batch
 from .weights import read_checkpoint
 
 __all__ = ["TimmBackbone"]
@@ -58,6 +58,7 @@ class TimmBackbone(nn.Module):
             model = timm.create_model(model_name, features_only=True, out_indices=indices, **load, **timm_kwargs)
         self.model = model
         self.out_features = out_features
+        self.in_chans = timm_kwargs.get("in_chans", 3)
         info = model.feature_info
         self._shapes = {
             name: ShapeSpec(c, r) for name, c, r in zip(out_features, info.channels(), info.reduction())
@@ -69,6 +70,6 @@ class TimmBackbone(nn.Module):
 
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
         """Image batch ``(N, C, H, W)`` -> ordered dict of the requested features."""
-        if x.dim() != 4 or not x.is_floating_point():
-            raise ValueError(f"TimmBackbone expects a float tensor (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
+        first = next(self.model.parameters())
+        check_image_batch(x, self.in_chans, first.dtype, "TimmBackbone")
         return OrderedDict(zip(self.out_features, self.model(x)))

@@ -238,7 +238,25 @@ def test_bad_arguments_raise_value_error(kwargs, match):
         B.ResNet(**kwargs)
 
 
-@pytest.mark.parametrize("x", [torch.randn(1, 1, 32, 32), torch.randn(3, 32, 32), torch.zeros(1, 3, 32, 32, dtype=torch.uint8)])
+@pytest.mark.parametrize(
+    "x",
+    [
+        torch.randn(1, 1, 32, 32),
+        torch.randn(3, 32, 32),
+        torch.zeros(1, 3, 32, 32, dtype=torch.uint8),
+        torch.zeros(1, 3, 0, 32),
+        torch.zeros(0, 3, 32, 32),
+        torch.zeros(1, 3, 32, 32, dtype=torch.float64),
+    ],
+    ids=["channels", "3d", "uint8", "zero_height", "empty_batch", "float64"],
+)
 def test_bad_inputs_raise_value_error(x):
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
         _tiny(18)(x)
+    with pytest.raises(ValueError, match=r"TimmBackbone expects"):
+        B.TimmBackbone("resnet18", out_features=("c3",))(x)
+
+
+def test_float64_model_takes_float64_input():
+    model = _tiny(18, num_classes=2).double().eval()
+    assert model(torch.zeros(1, 3, 32, 32, dtype=torch.float64)).dtype == torch.float64
