@@ -104,12 +104,13 @@ def test_short_run_learns_and_writes_outputs(trained_run):
 def test_final_weights_load_into_backbones(trained_run):
     final = load_checkpoint(trained_run / "model_final.pth")
     assert final["model_name"] == "resnet18" and final["class_names"] == ["blue", "red"]
-    model = backbones.resnet18(num_classes=2)
+    options = final["model_options"]  # the shapes recipe trains a half-width ResNet
+    model = backbones.resnet18(num_classes=2, **options)
     backbones.load_weights(model, trained_run / "model_final.pth")
     for k, v in final["model"].items():
         assert torch.equal(model.state_dict()[k], v), k
     # Detection fine-tuning starts from the same file: a feature extractor drops the classifier.
-    features = backbones.resnet18(out_features=("c4", "c5"))
+    features = backbones.resnet18(out_features=("c4", "c5"), **options)
     backbones.load_weights(features, trained_run / "model_final.pth")
 
 
@@ -120,8 +121,10 @@ def test_eval_cls_matches_training_and_reads_safetensors(trained_run, tint_data,
                           "--workers", "0", "--device", "cpu", "--output", str(out_json)]) == 0
     assert json.loads(out_json.read_text()) == pytest.approx(expected)
     assert "top1" in capsys.readouterr().out
-    # Exported weights carry no metadata: name the model and the eval transform.
-    st = export_weights(load_checkpoint(trained_run / "model_final.pth")["model"], tmp_path / "w.safetensors")
+    # Exported weights with only the model's description: name the eval transform.
+    final = load_checkpoint(trained_run / "model_final.pth")
+    description = {"model_name": json.dumps("resnet18"), "model_options": json.dumps(final["model_options"])}
+    st = export_weights(final["model"], tmp_path / "w.safetensors", metadata=description)
     assert eval_cls.main(["--weights", str(st), "--model", "resnet18", "--data", str(tint_data), "--image-size", "32",
                           "--crop-pct", "1.0", "--workers", "0", "--device", "cpu", "--output", str(out_json)]) == 0
     assert json.loads(out_json.read_text()) == pytest.approx(expected)

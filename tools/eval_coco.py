@@ -24,7 +24,7 @@ from tools.engine.det_train import evaluate_checkpoint, score_results_file
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--weights", help="detector checkpoint to run on --val-images")
+    what.add_argument("--weights", help="detector checkpoint (.pth or .safetensors) to run on --val-images")
     what.add_argument("--results", help="COCO results JSON to score")
     p.add_argument("--val-ann", required=True, help="COCO instances JSON (ground truth)")
     p.add_argument("--val-images", help="image folder (with --weights)")
@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="accept annotation file_names that are absolute or leave the images folder through '..'")
     return p.parse_args(argv)
 
 
@@ -46,14 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         if args.results is not None:
-            score_results_file(args.results, args.val_ann, args.output_dir)
+            score_results_file(args.results, args.val_ann, args.output_dir, args.allow_outside_root)
         else:
             if args.val_images is None:
                 raise ValueError("--weights needs --val-images")
             overrides = {"kind": args.detector, "backbone": args.backbone, "variant": args.variant,
                          "num_classes": args.num_classes, "min_size": args.min_size, "max_size": args.max_size}
             evaluate_checkpoint(args.weights, args.val_images, args.val_ann, args.output_dir, overrides,
-                                device=args.device, batch_size=args.batch_size, workers=args.workers)
+                                device=args.device, batch_size=args.batch_size, workers=args.workers,
+                                allow_outside_root=args.allow_outside_root)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

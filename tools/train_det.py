@@ -35,10 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-ann", help="COCO instances JSON for training")
     p.add_argument("--val-images", help="folder of validation images")
     p.add_argument("--val-ann", help="COCO instances JSON for validation")
-    p.add_argument("--pretrained", help="backbone checkpoint (torchvision/timm ImageNet or tools/train_cls.py "
-                                        "model_final.pth); switches to FrozenBN with stem and c2 frozen")
-    p.add_argument("--weights", help="full detector checkpoint (ours or torchvision COCO) to start from, "
-                                     "or to evaluate with --eval-only")
+    p.add_argument("--pretrained", help="backbone checkpoint, .pth or .safetensors (torchvision/timm ImageNet or "
+                                        "tools/train_cls.py model_final); switches to FrozenBN with stem and c2 frozen")
+    p.add_argument("--weights", help="full detector checkpoint, .pth or .safetensors (ours or torchvision COCO) "
+                                     "to start from, or to evaluate with --eval-only")
     p.add_argument("--output-dir", help="run folder for checkpoints, metrics and pictures")
     p.add_argument("--iters", type=int, help="iterations (lr steps and warmup keep their fraction of the run)")
     p.add_argument("--batch-size", type=int, help="images per process per iteration")
@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-last", type=int, help="keep only the newest K periodic checkpoints")
     p.add_argument("--clip-grad", type=float, help="clip the global gradient norm to this value")
     p.add_argument("--drop-empty", action="store_true", default=None, help="skip training images without objects")
+    p.add_argument("--allow-outside-root", action="store_true", default=None,
+                   help="accept annotation file_names that are absolute or leave the images folder through '..'")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --output-dir")
     p.add_argument("--eval-only", action="store_true", help="evaluate --weights (default: the run's model_final.pth)")
     return p.parse_args(argv)
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         "keep_last": args.keep_last,
         "clip_grad_norm": args.clip_grad,
         "drop_empty": args.drop_empty,
+        "allow_outside_root": args.allow_outside_root,
     }
     try:
         metrics = run_from_args(config, overrides, resume=args.resume, eval_only=args.eval_only)

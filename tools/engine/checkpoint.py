@@ -15,7 +15,9 @@ Example::
 """
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import random
 import re
 import tempfile
@@ -28,6 +30,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from tools.engine.faults import crash_point
+
 __all__ = [
     "save_checkpoint",
     "load_checkpoint",
@@ -35,6 +39,8 @@ __all__ = [
     "get_rng_state",
     "set_rng_state",
     "export_weights",
+    "load_metadata",
+    "UnsafeCheckpointError",
 ]
 
 _TMP_MARK = ".tmp-"
@@ -56,6 +62,7 @@ def _atomic_write(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        crash_point("checkpoint_write")  # test hook: a kill here leaves only the temp file
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
@@ -73,6 +80,14 @@ def _atomic_write(path: Path, write) -> None:
         os.close(dir_fd)
 
 
+class UnsafeCheckpointError(ValueError, pickle.UnpicklingError):
+    """A checkpoint holds Python objects other than tensors and plain values: refused, nothing was run.
+
+    A ``ValueError`` (so the command-line tools report it as a user error, naming the file) and
+    a ``pickle.UnpicklingError`` (what ``torch.load(weights_only=True)`` raises).
+    """
+
+
 def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
     """Save ``state`` with ``torch.save`` atomically (temp file in the same folder, fsync, ``os.replace``)."""
     _atomic_write(Path(path), lambda f: torch.save(dict(state), f))
@@ -86,14 +101,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        RuntimeError / pickle.UnpicklingError / safetensors errors: the file is corrupt or unsafe.
+        UnsafeCheckpointError: the file holds objects a safe load refuses (nothing of it ran).
+        RuntimeError / pickle.UnpicklingError / safetensors errors: the file is corrupt.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         return safetensors.torch.load_file(str(path), device=str(map_location))
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"refused to load {path}: it holds Python objects other than tensors and plain values, which could "
+            f"run code when unpickled ({str(e).splitlines()[0]})"
+        ) from None
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
     return state
@@ -261,3 +283,22 @@ def export_weights(
     else:
         raise ValueError(f"unknown weights file type {path.suffix!r} for {path}; use .safetensors, .pth, .pt or .bin")
     return path
+
+
+def load_metadata(path: str | Path) -> dict[str, Any]:
+    """The header metadata of a ``.safetensors`` file, JSON values decoded (``{}`` for other files).
+
+    The training tools store what rebuilds the model there (e.g. ``model_spec``) as JSON strings.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        raw = f.metadata() or {}
+    decoded: dict[str, Any] = {}
+    for key, value in raw.items():
+        try:
+            decoded[key] = json.loads(value)
+        except json.JSONDecodeError:
+            decoded[key] = value  # a plain string written by another tool
+    return decoded

@@ -39,7 +39,14 @@ from torch.utils.data.dataloader import default_collate
 from torchvision.datasets import ImageFolder
 
 import backbones
-from tools.engine.checkpoint import CheckpointManager, get_rng_state, load_checkpoint, set_rng_state
+from tools.engine.checkpoint import (
+    CheckpointManager,
+    export_weights,
+    get_rng_state,
+    load_checkpoint,
+    load_metadata,
+    set_rng_state,
+)
 from tools.engine.config import config_to_dict, load_config, rescale_schedule, save_config, scale_lr
 from tools.engine.distributed import (
     all_gather_object,
@@ -47,9 +54,11 @@ from tools.engine.distributed import (
     cleanup,
     convert_sync_batchnorm,
     init_distributed,
+    is_elastic_restart,
     is_main_process,
     reduce_dict,
 )
+from tools.engine.faults import crash_point
 from tools.engine.logger import MetricLogger, progress
 from tools.engine.plots import plot_curves
 from tools.engine.train_utils import (
@@ -77,6 +86,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 EXPECTED_LAYOUT = "DIR/train/<class_name>/<image>.jpg and DIR/val/<class_name>/<image>.jpg (torchvision ImageFolder)"
+
+# timm names of torch optimizers with a fused kernel (CPU and CUDA). On CPU the fused AdamW step of a
+# half-width ResNet-18 takes 5 ms instead of 26 ms for the default per-tensor loop (about 13% of a
+# training step at 48 px); fused SGD 4 ms instead of 12 ms.
+_FUSED_OPTIMIZERS = frozenset({"sgd", "nesterov", "momentum", "adam", "adamw"})
 
 
 @dataclass
@@ -332,6 +346,7 @@ def evaluate(
         correct1 += int(hits[:, 0].sum())
         correct5 += int(hits.any(dim=1).sum())
         count += len(targets)
+        crash_point("eval")  # test hook (tools.engine.faults)
     model.train(was_training)
     totals = [sum(x) for x in zip(*all_gather_object((correct1, correct5, count, skipped)))]
     correct1, correct5, count, skipped = totals
@@ -361,6 +376,8 @@ def evaluate_checkpoint(
     checkpoints, else 224 / 0.875 / bilinear (torchvision's ImageNet evaluation).
     """
     state = load_checkpoint(weights)
+    if Path(weights).suffix == ".safetensors":  # flat weights; ours name their model in the header
+        state = {"model": state, **load_metadata(weights)}
     name = model or state.get("model_name")
     if not isinstance(name, str):
         raise ValueError(f"{weights} does not name its model; pass --model (one of {sorted(backbones.FACTORIES)})")
@@ -429,7 +446,8 @@ def train(cfg: ClsTrainConfig, *, resume: bool = False, criterion: nn.Module | N
 
     Args:
         cfg: the recipe.
-        resume: continue from the newest checkpoint in ``cfg.output_dir`` that loads.
+        resume: continue from the newest checkpoint in ``cfg.output_dir`` that loads. Always on
+            in a worker group restarted by ``torchrun --max-restarts``.
         criterion: loss module overriding the one the recipe implies.
 
     Raises:
@@ -438,6 +456,9 @@ def train(cfg: ClsTrainConfig, *, resume: bool = False, criterion: nn.Module | N
         ValueError: bad data layout, unknown model, impossible settings.
     """
     info = init_distributed(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"), cfg.dist_timeout_s)
+    if is_elastic_restart() and not resume:
+        logger.info("torchrun restarted the workers: resuming from the newest checkpoint in %s", cfg.output_dir)
+        resume = True
     try:
         return _train(cfg, info, resume, criterion)
     finally:
@@ -506,6 +527,7 @@ def _train(cfg: ClsTrainConfig, info: Any, resume: bool, criterion: nn.Module | 
         weight_decay=cfg.weight_decay,
         momentum=cfg.momentum,
         filter_bias_and_bn=cfg.no_weight_decay_norm_bias,
+        **({"fused": True} if cfg.optimizer.lower() in _FUSED_OPTIMIZERS else {}),
     )
     scheduler, _ = create_scheduler_v2(
         optimizer,
@@ -615,6 +637,7 @@ def _train(cfg: ClsTrainConfig, info: Any, resume: bool, criterion: nn.Module | 
                 # Mean over ranks: every rank sees the same value, so all stop together on divergence.
                 reduced = reduce_dict({"loss": loss.detach()})
                 check_finite(reduced, global_iter)
+                crash_point("train_step")  # test hook (tools.engine.faults); no-op unless RESDET_CRASH_AT is set
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(loss).backward()
@@ -693,6 +716,11 @@ def _train(cfg: ClsTrainConfig, info: Any, resume: bool, criterion: nn.Module | 
                 **final,
             }
         )
+        # The weights alone, loadable without pickle; the header names the model and its eval transform.
+        export_weights(model, out / "model_final.safetensors", metadata={
+            "model_name": json.dumps(cfg.model), "model_options": json.dumps(dict(cfg.model_options)),
+            "class_names": json.dumps(list(class_names)), "image_size": json.dumps(cfg.image_size),
+            "crop_pct": json.dumps(cfg.crop_pct), "interpolation": json.dumps(cfg.interpolation)})
         keys = ["train_loss", "lr", "top1", "top5"] + (["ema_top1"] if ema is not None else [])
         plot_curves(metrics.path, out / "curves.png", keys, x_key="epoch")
     metrics.close()

@@ -37,7 +37,14 @@ from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
 
 import backbones
 import heads
-from tools.engine.checkpoint import CheckpointManager, get_rng_state, load_checkpoint, set_rng_state
+from tools.engine.checkpoint import (
+    CheckpointManager,
+    export_weights,
+    get_rng_state,
+    load_checkpoint,
+    load_metadata,
+    set_rng_state,
+)
 from tools.engine.coco_data import (
     CocoDetection,
     InfiniteBatches,
@@ -54,9 +61,11 @@ from tools.engine.distributed import (
     cleanup,
     convert_sync_batchnorm,
     init_distributed,
+    is_elastic_restart,
     is_main_process,
     reduce_dict,
 )
+from tools.engine.faults import crash_point
 from tools.engine.logger import MetricLogger, progress
 from tools.engine.plots import plot_curves
 from tools.engine.train_utils import AmpSettings, autocast, check_finite, clip_gradients, resolve_amp, seed_everything
@@ -113,6 +122,9 @@ class DetTrainConfig:
     max_size: int = 1333
     hflip: float = 0.5
     drop_empty: bool = False  # leave out training images without annotations
+    # Annotation file_names are confined to their images folder: absolute ones or ones leaving it
+    # through ".." are refused, unless this is set (the dataset paths themselves are taken as given).
+    allow_outside_root: bool = False
     workers: int = 4
     # Optimisation
     iters: int = 90000
@@ -313,6 +325,7 @@ def evaluate(
         with autocast(device, amp):
             outputs = model(images)
         results += detections_to_coco_results(outputs, [t["image_id"] for t in targets], mapping)
+        crash_point("eval")  # test hook (tools.engine.faults)
     gathered = all_gather_object(results)
     if not is_main_process():
         return None, None
@@ -350,16 +363,17 @@ def train(cfg: DetTrainConfig, *, resume: bool = False) -> dict[str, dict[str, f
     """Run the recipe ``cfg``; returns the final COCO metrics ``{"bbox": {...}, "segm"?: {...}}``.
 
     Writes to ``cfg.output_dir``: ``config.yaml``, ``model_{iter:07d}.pth`` checkpoints (every
-    ``checkpoint_every`` iterations and at the end), ``model_final.pth``, ``metrics.jsonl`` and
-    TensorBoard events (losses and lr every ``log_every`` iterations, APs at each evaluation),
-    ``coco_results.json``, ``metrics.json``, ``loss_curve.png`` and ``val_predictions.png``.
+    ``checkpoint_every`` iterations and at the end), ``model_final.pth`` (its weights alone also as
+    ``model_final.safetensors``), ``metrics.jsonl`` and TensorBoard events (losses and lr every
+    ``log_every`` iterations, APs at each evaluation), ``coco_results.json``, ``metrics.json``, ``loss_curve.png`` and ``val_predictions.png``.
     Checkpoints hold ``model``, ``optimizer``, ``scheduler``, ``scaler``, ``iteration``,
     ``rng`` (every rank's), ``config``, ``model_spec``, ``label_to_cat_id`` and ``class_names``.
 
     Args:
         cfg: the recipe.
         resume: continue from the newest checkpoint in ``cfg.output_dir`` that loads (from
-            scratch when there is none). A finished run is evaluated again.
+            scratch when there is none). A finished run is evaluated again. Always on in a
+            worker group restarted by ``torchrun --max-restarts``.
 
     Raises:
         FloatingPointError: a loss became NaN/inf (the message names the iteration and every
@@ -367,6 +381,9 @@ def train(cfg: DetTrainConfig, *, resume: bool = False) -> dict[str, dict[str, f
         ValueError: bad data, unknown backbone, impossible settings.
     """
     info = init_distributed(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"), cfg.dist_timeout_s)
+    if is_elastic_restart() and not resume:
+        logger.info("torchrun restarted the workers: resuming from the newest checkpoint in %s", cfg.output_dir)
+        resume = True
     try:
         return _train(cfg, info, resume)
     finally:
@@ -386,8 +403,10 @@ def _train(cfg: DetTrainConfig, info: Any, resume: bool) -> dict[str, dict[str, 
     paths = _dataset_paths(cfg)
     train_set = CocoDetection(paths["train_images"], paths["train_ann"],
                               build_det_transforms(train=True, hflip_prob=cfg.hflip),
-                              with_masks=masks, drop_empty=cfg.drop_empty)
-    val_set = CocoDetection(paths["val_images"], paths["val_ann"], None, with_masks=masks)
+                              with_masks=masks, drop_empty=cfg.drop_empty,
+                              allow_outside_root=cfg.allow_outside_root)
+    val_set = CocoDetection(paths["val_images"], paths["val_ann"], None, with_masks=masks,
+                            allow_outside_root=cfg.allow_outside_root)
     if val_set.cat_ids != train_set.cat_ids:
         raise ValueError(f"train and val categories differ: {train_set.cat_ids} vs {val_set.cat_ids}")
     class_names = train_set.class_names
@@ -491,6 +510,7 @@ def _train(cfg: DetTrainConfig, info: Any, resume: bool) -> dict[str, dict[str, 
         # Mean over ranks: every rank sees the same values, so all stop together on divergence.
         reduced = reduce_dict({**loss_dict, "loss": loss.detach()})
         check_finite(reduced, iteration)
+        crash_point("train_step")  # test hook (tools.engine.faults); no-op unless RESDET_CRASH_AT is set
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -529,6 +549,10 @@ def _train(cfg: DetTrainConfig, info: Any, resume: bool) -> dict[str, dict[str, 
         if final_state is None:  # resumed a finished run: its newest checkpoint is the final state
             final_state = found[1]
         manager.save_final({**final_state, "metrics": metrics})
+        # The weights alone, loadable without pickle by any tool; the header says how to rebuild the model.
+        export_weights(model, out / "model_final.safetensors", metadata={
+            "model_spec": json.dumps(spec), "label_to_cat_id": json.dumps(label_to_cat_id),
+            "class_names": json.dumps(list(class_names))})
         # The loss terms are in metrics.jsonl and TensorBoard; the picture keeps to the overview.
         keys = ["loss", "lr", "bbox_AP"] + (["segm_AP"] if masks else [])
         plot_curves(metrics_log.path, out / "loss_curve.png", keys)
@@ -595,7 +619,8 @@ def evaluate_config(cfg: DetTrainConfig, model_overrides: dict[str, Any] | None 
         raise ValueError(f"--eval-only needs --weights or a checkpoint in {out}")
     paths = _dataset_paths(cfg)
     return evaluate_checkpoint(weights, paths["val_images"], paths["val_ann"], out, model_overrides,
-                               device=cfg.device, batch_size=cfg.batch_size, workers=cfg.workers)
+                               device=cfg.device, batch_size=cfg.batch_size, workers=cfg.workers,
+                               allow_outside_root=cfg.allow_outside_root)
 
 
 # ----------------------------------------------------------------------------- checkpoints -> models
@@ -617,7 +642,8 @@ def load_detector(
 ) -> tuple[heads.FasterRCNN, dict[str, Any]]:
     """Rebuild a detector from a checkpoint and load its weights; returns ``(model_in_eval_mode, info)``.
 
-    Our checkpoints carry their ``model_spec``; for others (torchvision's COCO detectors) the
+    Our checkpoints carry their ``model_spec`` (``model_final.safetensors`` in its header); for
+    others (torchvision's COCO detectors) the
     kind, variant and class count are read from the weights and the backbone defaults to
     resnet50. ``overrides`` (``kind``, ``backbone``, ``variant``, ``num_classes``, ``min_size``,
     ``max_size``; ``None`` values ignored) replace what the checkpoint says.
@@ -626,6 +652,8 @@ def load_detector(
     and ``class_names`` (torchvision's COCO names for a 91-class model without names).
     """
     raw = load_checkpoint(weights)
+    if Path(weights).suffix == ".safetensors":  # flat weights; what rebuilds the model is in the header
+        raw = {"model": raw, **load_metadata(weights)}
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if isinstance(raw.get("model_spec"), dict):
         spec = dict(raw["model_spec"])
@@ -681,16 +709,18 @@ def evaluate_checkpoint(
     device: str | None = None,
     batch_size: int = 2,
     workers: int = 2,
+    allow_outside_root: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Evaluate a detector checkpoint on a COCO set; prints the table, writes ``coco_results.json`` and ``metrics.json``.
 
     Detections whose class the dataset lacks (a COCO model on a subset) are left out.
+    ``allow_outside_root``: accept annotation ``file_name``s that are absolute or leave ``val_images``.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, info = load_detector(weights, overrides)
     model.to(dev)
     masks = model.roi_heads.has_mask()
-    val_set = CocoDetection(val_images, val_ann, None, with_masks=masks)
+    val_set = CocoDetection(val_images, val_ann, None, with_masks=masks, allow_outside_root=allow_outside_root)
     mapping = _label_mapping(info, val_set)
     loader = build_det_loader(val_set, batch_size, train=False, workers=workers)
     model.eval()
@@ -710,7 +740,8 @@ def _keep_labels(output: dict[str, Tensor], mapping: dict[int, int]) -> dict[str
     return {k: v[keep.to(v.device)] for k, v in output.items()}
 
 
-def score_results_file(results: str | Path, val_ann: str | Path, output_dir: str | Path) -> dict[str, dict[str, float]]:
+def score_results_file(results: str | Path, val_ann: str | Path, output_dir: str | Path,
+                       allow_outside_root: bool = False) -> dict[str, dict[str, float]]:
     """Score an existing COCO results file: ``bbox``, plus ``segm`` when every result has a segmentation.
 
     The ground truth goes through the same checks as in training (:class:`CocoDetection`).
@@ -718,7 +749,7 @@ def score_results_file(results: str | Path, val_ann: str | Path, output_dir: str
     """
     entries = load_results(results)
     segm = results_have_segm(entries)
-    gt = CocoDetection(Path(val_ann).parent, val_ann, None, with_masks=segm)
+    gt = CocoDetection(Path(val_ann).parent, val_ann, None, with_masks=segm, allow_outside_root=allow_outside_root)
     metrics = evaluate_coco(gt.coco, entries, ("bbox", "segm") if segm else ("bbox",))
     write_metrics(Path(output_dir) / "metrics.json", metrics)
     return metrics

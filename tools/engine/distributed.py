@@ -36,6 +36,7 @@ __all__ = [
     "reduce_dict",
     "convert_sync_batchnorm",
     "cleanup",
+    "is_elastic_restart",
 ]
 
 
@@ -163,3 +164,12 @@ def cleanup() -> None:
     """Leave the process group (no-op when none was joined)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def is_elastic_restart() -> bool:
+    """True in a worker group that torchrun restarted after a failure (``--max-restarts N``).
+
+    The training tools then resume from the newest valid checkpoint, as with ``--resume``:
+    starting over would silently discard the work done before the failure.
+    """
+    return _env_int("TORCHELASTIC_RESTART_COUNT", 0) > 0

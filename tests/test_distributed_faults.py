@@ -1,0 +1,136 @@
+"""Distributed faults under torchrun (gloo, CPU): a dying rank fails the whole job quickly and by name, and an
+elastic restart (``--max-restarts``) resumes from the last checkpoint to the same weights as an uninterrupted run.
+
+The ranks are killed by the fault-injection hook (tools.engine.faults) with SIGKILL, only on rank 1.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tools.engine import cls_train, det_train
+from tools.engine.checkpoint import load_checkpoint
+from tools.engine.config import load_config
+from tools.engine.shapes import make_shapes_coco, make_shapes_imagefolder
+
+REPO = Path(__file__).resolve().parents[1]
+
+DET_TINY = {
+    "backbone": "resnet18",
+    "backbone_options": {"base_channels": 8},
+    "fpn_options": {"out_channels": 16},
+    "detector_options": {
+        "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50,
+        "rpn_pre_nms_top_n_test": 50, "rpn_post_nms_top_n_test": 25,
+        "rpn_batch_size_per_image": 32, "box_batch_size_per_image": 16,
+        "box_detections_per_img": 10, "box_score_thresh": 0.0,
+    },
+    "min_sizes": [48], "max_size": 64, "batch_size": 1, "lr": 0.02, "warmup_iters": 0, "steps": [100],
+    "workers": 0, "log_every": 1, "vis_images": 0, "device": "cpu", "seed": 2,
+    "iters": 6, "checkpoint_every": 2, "keep_last": 2, "dist_timeout_s": 60.0,
+}
+
+
+@pytest.fixture(scope="module")
+def det_yaml(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("dist")
+    paths = make_shapes_coco(root / "data", num_train=4, num_val=2, image_size=(48, 48))
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump({**DET_TINY, **{k: str(v) for k, v in paths.items()}}))
+    return path
+
+
+def _torchrun(config: Path, out: Path, max_restarts: int, crash_at: str) -> tuple[subprocess.CompletedProcess, float]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RESDET_CRASH_AT": crash_at, "RESDET_CRASH_RANK": "1"}
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "--max-restarts", str(max_restarts), "--monitor-interval", "0.5",
+         "tools/train_det.py", "--config", str(config), "--output-dir", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    return result, time.monotonic() - start
+
+
+def test_dead_rank_fails_the_job_quickly_naming_the_rank(det_yaml, tmp_path):
+    result, seconds = _torchrun(det_yaml, tmp_path, max_restarts=0, crash_at="train_step:2")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    # Rank 0 is then blocked in a collective with the dead rank; the job must still end promptly
+    # (process startup included: importing torch twice on a loaded 2-core machine is most of it).
+    assert seconds < 90, f"the job took {seconds:.0f} s to fail"
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", output), output[-3000:]
+    assert re.search(r"exitcode\s*:\s*-9", output), output[-3000:]
+    assert not (tmp_path / "model_final.pth").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_rank(config: str, out: str, rank: int, port: int) -> None:
+    """One rank of an uninterrupted 2-process run (forkserver child: the engine is imported already)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    det_train.train(load_config(det_train.DetTrainConfig, config, {"output_dir": out}))
+
+
+def test_elastic_restart_resumes_from_last_checkpoint_exactly(det_yaml, tmp_path):
+    # Reference: the same 2-process job without faults, as two forked ranks (skips two interpreter starts).
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "tools.engine.det_train"])
+    reference, port = tmp_path / "reference", _free_port()
+    ranks = [ctx.Process(target=_ddp_rank, args=(str(det_yaml), str(reference), r, port)) for r in (0, 1)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(timeout=240)
+    assert [p.exitcode for p in ranks] == [0, 0]
+
+    # Rank 1 dies inside the 5th step, after the checkpoint of iteration 4; torchrun restarts both ranks. The
+    # hook fires only in the first attempt; a second restart is allowed because on a loaded machine gloo's
+    # connection set-up of a restarted group has been seen to time out once (outside our code).
+    out = tmp_path / "elastic"
+    result, _ = _torchrun(det_yaml, out, max_restarts=2, crash_at="train_step:5")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "torchrun restarted the workers" in output and "resumed from" in output
+    assert "model_0000004.pth (iteration 4)" in output
+
+    expected = load_checkpoint(reference / "model_final.pth")["model"]
+    resumed = load_checkpoint(out / "model_final.pth")["model"]
+    assert expected.keys() == resumed.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, resumed[name]), f"{name} differs from the uninterrupted run"
+
+
+def test_restarted_worker_resumes_without_the_flag(tmp_path, monkeypatch, caplog):
+    """Both tools share the rule: a torchrun-restarted worker (TORCHELASTIC_RESTART_COUNT > 0) resumes."""
+    data = make_shapes_imagefolder(tmp_path / "data", num_classes=2, train_per_class=2, val_per_class=1,
+                                   image_size=32)
+    cfg = load_config(cls_train.ClsTrainConfig, None, {
+        "model": "resnet18", "model_options": {"base_channels": 8}, "data": str(data), "image_size": 32,
+        "epochs": 1, "batch_size": 2, "lr": 0.01, "device": "cpu", "workers": 0, "output_dir": str(tmp_path / "run"),
+    })
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    cls_train.train(cfg)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    with caplog.at_level(logging.INFO, logger=cls_train.__name__):
+        cls_train.train(cfg)  # no resume=True: the restart count alone makes it resume
+    assert "torchrun restarted the workers" in caplog.text
+    assert "resumed from" in caplog.text and "model_0000002.pth" in caplog.text
