@@ -104,9 +104,14 @@ def test_elastic_restart_resumes_from_last_checkpoint_exactly(det_yaml, tmp_path
     # Rank 1 dies inside the 5th step, after the checkpoint of iteration 4; torchrun restarts both ranks. The
     # hook fires only in the first attempt; a second restart is allowed because on a loaded machine gloo's
     # connection set-up of a restarted group has been seen to time out once (outside our code).
-    out = tmp_path / "elastic"
-    result, _ = _torchrun(det_yaml, out, max_restarts=2, crash_at="train_step:5")
-    output = result.stdout + result.stderr
+    for attempt in range(2):
+        out = tmp_path / f"elastic{attempt}"
+        result, _ = _torchrun(det_yaml, out, max_restarts=2, crash_at="train_step:5")
+        output = result.stdout + result.stderr
+        # gloo's TCP mesh set-up of a restarted group can time out on an overloaded machine (seen with several
+        # test suites sharing 2 cores); that is torch's transport, not the resume logic under test: run it again.
+        if result.returncode == 0 or "connectFullMesh" not in output:
+            break
     assert result.returncode == 0, output[-3000:]
     assert "torchrun restarted the workers" in output and "resumed from" in output
     assert "model_0000004.pth (iteration 4)" in output
