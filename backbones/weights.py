@@ -142,7 +142,9 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint, strict: bool = True) 
         absent = [k for k in state if k.split(".")[0] not in built and k.split(".")[0] in ("fc", "layer3", "layer4")]
         if absent:
             logger.info("feature extractor: not loading %d checkpoint keys (%s...)", len(absent), absent[0])
-        fc_mismatch = [k for k in ("fc.weight", "fc.bias") if k in state and k in own and state[k].shape != own[k].shape]
+        # Only a different class count skips the classifier; a different width is a wrong model and raises below.
+        other_classes = "fc.weight" in state and "fc.weight" in own and state["fc.weight"].shape[0] != model.num_classes
+        fc_mismatch = [k for k in ("fc.weight", "fc.bias") if other_classes and k in state]
         if fc_mismatch:
             logger.warning(
                 "skipping the classifier: checkpoint has %d classes, model has %d",

@@ -2,7 +2,7 @@
 
 Examples:
     python tools/make_shapes.py --kind coco --output-dir data/shapes_coco
-    python tools/make_shapes.py --kind imagefolder --output-dir data/shapes_cls --num-train 60 --num-val 20
+    python tools/make_shapes.py --kind imagefolder --output-dir data/shapes_cls --num-train 1000 --num-val 100
 """
 import argparse
 
@@ -14,9 +14,9 @@ def main() -> None:
     parser.add_argument("--kind", choices=("coco", "imagefolder"), required=True)
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--num-train", type=int, default=None,
-                        help="training images (coco, default 240) or images per class (imagefolder, default 60)")
+                        help="training images (coco, default 240) or images per class (imagefolder, default 1000)")
     parser.add_argument("--num-val", type=int, default=None,
-                        help="validation images (coco, default 60) or images per class (imagefolder, default 20)")
+                        help="validation images (coco, default 60) or images per class (imagefolder, default 100)")
     parser.add_argument("--num-classes", type=int, default=4, help="imagefolder only")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
