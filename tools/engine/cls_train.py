@@ -64,8 +64,8 @@ from tools.engine.plots import plot_curves
 from tools.engine.train_utils import (
     AmpSettings,
     autocast,
+    backward_and_step,
     check_finite,
-    clip_gradients,
     resolve_amp,
     seed_everything,
 )
@@ -638,16 +638,7 @@ def _train(cfg: ClsTrainConfig, info: Any, resume: bool, criterion: nn.Module | 
                 reduced = reduce_dict({"loss": loss.detach()})
                 check_finite(reduced, global_iter)
                 crash_point("train_step")  # test hook (tools.engine.faults); no-op unless RESDET_CRASH_AT is set
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    clip_gradients(model.parameters(), cfg.clip_grad_norm, scaler, optimizer)
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    clip_gradients(model.parameters(), cfg.clip_grad_norm)
-                    optimizer.step()
+                backward_and_step(loss, model, optimizer, scaler, cfg.clip_grad_norm)
                 loss_sum += float(reduced["loss"])
                 loss_count += 1
             global_iter += 1

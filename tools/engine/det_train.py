@@ -68,7 +68,14 @@ from tools.engine.distributed import (
 from tools.engine.faults import crash_point
 from tools.engine.logger import MetricLogger, progress
 from tools.engine.plots import plot_curves
-from tools.engine.train_utils import AmpSettings, autocast, check_finite, clip_gradients, resolve_amp, seed_everything
+from tools.engine.train_utils import (
+    AmpSettings,
+    autocast,
+    backward_and_step,
+    check_finite,
+    resolve_amp,
+    seed_everything,
+)
 from tools.engine.visualize import draw_detections, save_grid
 
 __all__ = [
@@ -511,16 +518,7 @@ def _train(cfg: DetTrainConfig, info: Any, resume: bool) -> dict[str, dict[str, 
         reduced = reduce_dict({**loss_dict, "loss": loss.detach()})
         check_finite(reduced, iteration)
         crash_point("train_step")  # test hook (tools.engine.faults); no-op unless RESDET_CRASH_AT is set
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            clip_gradients(model.parameters(), cfg.clip_grad_norm, scaler, optimizer)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            clip_gradients(model.parameters(), cfg.clip_grad_norm)
-            optimizer.step()
+        backward_and_step(loss, model, optimizer, scaler, cfg.clip_grad_norm)
         lr_now = optimizer.param_groups[0]["lr"]
         scheduler.step()
         done = iteration + 1

@@ -93,3 +93,26 @@ def clip_gradients(
             raise ValueError("clip_gradients with a GradScaler needs the optimizer to unscale")
         scaler.unscale_(optimizer)
     return torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
+
+
+def backward_and_step(
+    loss: torch.Tensor,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    clip_grad_norm: float | None,
+) -> None:
+    """One optimisation step: backward (scaled when a GradScaler is given), optional clipping, optimizer step.
+
+    With a scaler, a step whose gradients overflowed is skipped by the scaler (not divergence).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        clip_gradients(model.parameters(), clip_grad_norm, scaler, optimizer)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        clip_gradients(model.parameters(), clip_grad_norm)
+        optimizer.step()
