@@ -26,3 +26,17 @@ def randomize_norm_stats(model: nn.Module, seed: int = 0) -> nn.Module:
 def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """Max abs difference relative to the reference's scale."""
     return ((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item()
+
+
+# The model part of every tiny detection-training config in the tests (schedules differ per test file).
+TINY_DETECTOR = {
+    "backbone": "resnet18",
+    "backbone_options": {"base_channels": 8},
+    "fpn_options": {"out_channels": 16},
+    "detector_options": {
+        "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100,
+        "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50,
+        "rpn_batch_size_per_image": 64, "box_batch_size_per_image": 32,
+        "box_detections_per_img": 20, "box_score_thresh": 0.0,  # detections even from an untrained model
+    },
+}

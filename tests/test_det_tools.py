@@ -16,17 +16,10 @@ from tools.engine.config import load_config
 from tools.engine.det_train import DetTrainConfig, load_detector, train
 from tools.engine.shapes import make_shapes_coco
 from tools.engine.visualize import draw_detections, save_grid
+from helpers import TINY_DETECTOR
 
 TINY = {
-    "backbone": "resnet18",
-    "backbone_options": {"base_channels": 8},
-    "fpn_options": {"out_channels": 16},
-    "detector_options": {
-        "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100,
-        "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50,
-        "rpn_batch_size_per_image": 64, "box_batch_size_per_image": 32, "box_detections_per_img": 20,
-        "box_score_thresh": 0.0,  # an almost untrained model still returns detections
-    },
+    **TINY_DETECTOR,
     "min_sizes": [64],
     "max_size": 128,
     "batch_size": 2,

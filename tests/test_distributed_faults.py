@@ -23,19 +23,12 @@ from tools.engine import cls_train, det_train
 from tools.engine.checkpoint import load_checkpoint
 from tools.engine.config import load_config
 from tools.engine.shapes import make_shapes_coco, make_shapes_imagefolder
+from helpers import TINY_DETECTOR
 
 REPO = Path(__file__).resolve().parents[1]
 
 DET_TINY = {
-    "backbone": "resnet18",
-    "backbone_options": {"base_channels": 8},
-    "fpn_options": {"out_channels": 16},
-    "detector_options": {
-        "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50,
-        "rpn_pre_nms_top_n_test": 50, "rpn_post_nms_top_n_test": 25,
-        "rpn_batch_size_per_image": 32, "box_batch_size_per_image": 16,
-        "box_detections_per_img": 10, "box_score_thresh": 0.0,
-    },
+    **TINY_DETECTOR,
     "min_sizes": [48], "max_size": 64, "batch_size": 1, "lr": 0.02, "warmup_iters": 0, "steps": [100],
     "workers": 0, "log_every": 1, "vis_images": 0, "device": "cpu", "seed": 2,
     "iters": 6, "checkpoint_every": 2, "keep_last": 2, "dist_timeout_s": 60.0,

@@ -26,17 +26,10 @@ from tools.engine.checkpoint import CheckpointManager, export_weights, load_chec
 from tools.engine.config import load_config
 from tools.engine.faults import CRASH_ENV, crash_point
 from tools.engine.shapes import make_shapes_coco, make_shapes_imagefolder
+from helpers import TINY_DETECTOR
 
 DET_TINY = {
-    "backbone": "resnet18",
-    "backbone_options": {"base_channels": 8},
-    "fpn_options": {"out_channels": 16},
-    "detector_options": {
-        "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50,
-        "rpn_pre_nms_top_n_test": 50, "rpn_post_nms_top_n_test": 25,
-        "rpn_batch_size_per_image": 32, "box_batch_size_per_image": 16,
-        "box_detections_per_img": 10, "box_score_thresh": 0.0,
-    },
+    **TINY_DETECTOR,
     "min_sizes": [48], "max_size": 64, "batch_size": 2, "lr": 0.02, "warmup_iters": 2, "steps": [6],
     "workers": 0, "log_every": 1, "vis_images": 0, "device": "cpu", "seed": 1,
     # 8 iterations: checkpoints at 2, 4, 6, 8 (keep the newest 2), evaluation at 4 and at the end

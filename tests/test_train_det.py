@@ -15,7 +15,7 @@ import torch
 import yaml
 
 import backbones
-from helpers import randomize_norm_stats
+from helpers import TINY_DETECTOR, randomize_norm_stats
 from tools.engine import det_train
 from tools.engine.coco_eval import METRIC_NAMES
 from tools.engine.config import load_config
@@ -27,15 +27,7 @@ CONFIGS = REPO / "configs"
 
 # A detector small enough to train a few dozen iterations in seconds on a CPU.
 TINY = {
-    "backbone": "resnet18",
-    "backbone_options": {"base_channels": 8},
-    "fpn_options": {"out_channels": 16},
-    "detector_options": {
-        "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100,
-        "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50,
-        "rpn_batch_size_per_image": 64, "box_batch_size_per_image": 32,
-        "box_detections_per_img": 20, "box_score_thresh": 0.0,  # detections even from an untrained model
-    },
+    **TINY_DETECTOR,
     "min_sizes": [64],
     "max_size": 128,
     "batch_size": 2,
