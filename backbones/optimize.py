@@ -164,6 +164,29 @@ def _to_bf16(module: nn.Module) -> None:
     module.forward = _Bfloat16Boundary(module)
 
 
+class _FrozenCompiled:
+    """A module's instance ``forward``: ``torch.compile(forward, fullgraph=True)``, traced with inductor's freezing.
+
+    fullgraph: the backbone must compile to one graph; a break would silently fall back to slow eager pieces.
+    freezing: weights become constants, so inductor prepacks them for oneDNN and fuses conv + bias + ReLU + residual
+    add into one call (ResNet-50, batch 16, 2 CPU cores: 21.5 img/s against 20.2 without it). Dynamo reads
+    ``torch._inductor.config.freezing`` itself when it traces, so ``torch.compile(options={"freezing": True})`` is
+    not enough (torch 2.14: the option reaches inductor but the weights stay graph inputs and nothing is frozen);
+    the global flag is set for the duration of each call instead, leaving the user's process settings alone.
+    Freezing applies only to graphs traced without autograd, so each call runs under ``torch.no_grad()``: the
+    compiled copy is for inference and its weights are constants anyway.
+    """
+
+    def __init__(self, forward: Any) -> None:
+        self.compiled = torch.compile(forward, fullgraph=True)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from torch._inductor import config  # imported on use: importing backbones stays light
+
+        with config.patch(freezing=True), torch.no_grad():
+            return self.compiled(*args, **kwargs)
+
+
 def _is_detector(model: nn.Module) -> bool:
     return all(hasattr(model, name) for name in ("backbone", "rpn", "roi_heads", "transform"))
 
@@ -205,9 +228,5 @@ def optimize_for_inference(model: nn.Module, *, compile: bool = False, bf16: boo
         else:
             warnings.warn(f"bf16=True ignored: {device} has no native bfloat16 support; keeping float32")
     if compile:
-        # fullgraph: the backbone must compile to one graph; a break would silently fall back to slow eager pieces.
-        # freezing: weights become constants, so inductor prepacks them for oneDNN and fuses conv + bias + ReLU;
-        # ResNet-50 batch 16 on 2 CPU cores ran 1.3x faster than without it (BENCHMARKS.md). It is for inference
-        # only, which is what this copy is for.
-        backbone.compile(fullgraph=True, options={"freezing": True})
+        backbone.forward = _FrozenCompiled(backbone.forward)
     return model

@@ -220,6 +220,22 @@ def test_compiled_resnet_equals_original() -> None:
     _assert_close(_run(model, x), _run(fast, x))
 
 
+def test_compile_freezes_the_weights() -> None:
+    """``compile=True`` traces with inductor's freezing (weights become prepacked constants). Observable: changing a
+    weight in place after the first call no longer changes the output; without freezing the weights would stay graph
+    inputs and the change would show."""
+    torch._dynamo.reset()
+    model = randomize_norm_stats(ResNet(18, base_channels=8, out_features=("c2",))).eval()
+    fast = optimize_for_inference(model, compile=True)
+    x = torch.randn(1, 3, 32, 32)
+    before = fast(x)["c2"]
+    assert before.grad_fn is None  # runs without autograd, as freezing requires
+    with torch.no_grad():
+        fast.conv1.weight.mul_(-1.0)
+    after = fast(x)["c2"]
+    torch.testing.assert_close(after, before)
+
+
 heads = pytest.importorskip("heads")
 
 
