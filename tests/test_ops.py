@@ -146,11 +146,19 @@ def test_bad_input_rank_raises_value_error():
 
 
 @pytest.mark.parametrize(
-    "names, fallback", [(["p2", "p3", "p4", "p5"], False), (["p3"], False), (["p2", "p3", "p4", "p5"], True)]
+    "names, fallback, chunked",
+    [
+        (["p2", "p3", "p4", "p5"], False, False),
+        (["p3"], False, False),
+        (["p2", "p3", "p4", "p5"], True, False),
+        (["p2", "p3", "p4", "p5"], False, True),
+    ],
 )
-def test_multiscale_matches_torchvision(names, fallback, monkeypatch):
+def test_multiscale_matches_torchvision(names, fallback, chunked, monkeypatch):
     if fallback:  # table over the size limit: torchvision's per-level pooling
         monkeypatch.setattr(ops, "_MAX_TABLE_ENTRIES", 1000)
+    if chunked:  # the forward pools 7 RoIs at a time: 80 RoIs make 11 full chunks and one of 3
+        monkeypatch.setattr(ops, "_POOL_CHUNK_BYTES", 7 * 8 * 7 * 7 * 4)
     g = torch.Generator().manual_seed(0)
     image_shapes = [(256, 256), (256, 224)]
     pyramid = OrderedDict(

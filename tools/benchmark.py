@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import fnmatch
 import gc
@@ -219,13 +220,29 @@ def _detector_sizes(kind: str, train: bool, r18: bool, settings: Settings) -> tu
     return (1, 240, 320) if settings.quick else (1, 480, 640)
 
 
-def _torchvision_detector(kind: str, height: int, width: int, r18: bool, calibrate: bool) -> nn.Module:
-    """torchvision's R50-FPN (or R18-FPN) detector, deterministic, with confident classes so detections exist."""
-    from torchvision.models.detection import FasterRCNN, fasterrcnn_resnet50_fpn, maskrcnn_resnet50_fpn
+def _torchvision_detector(
+    kind: str, height: int, width: int, r18: bool, calibrate: bool, finetune: bool = False
+) -> nn.Module:
+    """torchvision's R50-FPN (or R18-FPN) detector, deterministic, with confident classes so detections exist.
+
+    ``finetune``: the model torchvision builds for fine-tuning from an ImageNet backbone (``weights_backbone`` set):
+    FrozenBatchNorm2d, stem and layer1 frozen (trainable_layers=3). Its frozen statistics are those of a
+    calibrated from-scratch model, so activations stay O(1) as with a pretrained backbone.
+    """
+    from torchvision.models.detection import FasterRCNN, MaskRCNN, fasterrcnn_resnet50_fpn, maskrcnn_resnet50_fpn
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
     torch.manual_seed(0)
     size = dict(min_size=min(height, width), max_size=max(height, width))
+    if finetune:
+        calibrated = _torchvision_detector(kind, height, width, r18, calibrate=True)
+        backbone = resnet_fpn_backbone(
+            backbone_name="resnet18" if r18 else "resnet50", weights=None,
+            norm_layer=backbones.FrozenBatchNorm2d, trainable_layers=3,
+        )
+        model = (FasterRCNN if kind == "faster_rcnn" else MaskRCNN)(backbone, 91, **size)
+        model.load_state_dict(calibrated.state_dict())  # FrozenBN drops BatchNorm's num_batches_tracked
+        return model
     if r18:
         model = FasterRCNN(resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5), 91, **size)
     else:
@@ -293,14 +310,15 @@ def _detector_step(model: nn.Module, kind: str, train: bool, n: int, h: int, w: 
 
 
 def _detector_sides(
-    kind: str, train: bool, r18: bool = False, optimize: Optional[dict[str, bool]] = None
+    kind: str, train: bool, r18: bool = False, optimize: Optional[dict[str, bool]] = None, finetune: bool = False
 ) -> "OrderedDict[str, Builder]":
     def ours(settings: Settings) -> Runner:
         n, h, w = _detector_sizes(kind, train, r18, settings)
         model = heads.build_detector(
-            kind, "resnet18" if r18 else "resnet50", num_classes=91, min_size=min(h, w), max_size=max(h, w)
+            kind, "resnet18" if r18 else "resnet50", num_classes=91, pretrained_backbone=finetune,
+            min_size=min(h, w), max_size=max(h, w),
         )
-        reference = _torchvision_detector(kind, h, w, r18, calibrate=not train)
+        reference = _torchvision_detector(kind, h, w, r18, calibrate=not train, finetune=finetune)
         heads.load_weights(model, reference.state_dict())
         del reference
         model = model.to(settings.device)
@@ -312,7 +330,9 @@ def _detector_sides(
 
     def reference(settings: Settings) -> Runner:
         n, h, w = _detector_sizes(kind, train, r18, settings)
-        model = _prepare_reference(_torchvision_detector(kind, h, w, r18, calibrate=not train), settings)
+        model = _prepare_reference(
+            _torchvision_detector(kind, h, w, r18, calibrate=not train, finetune=finetune), settings
+        )
         _maybe_compile(model.backbone, settings)
         return Runner(model, _detector_step(model, kind, train, n, h, w, settings))
 
@@ -380,8 +400,13 @@ def _rows() -> list[Row]:
     for kind, label in (("faster_rcnn", "Faster R-CNN"), ("mask_rcnn", "Mask R-CNN")):
         rows.append(
             Row(f"{kind}_train", f"{label} R50-FPN training step, 2 images 512x512 (from scratch: BN)", "ms",
-                lambda s: 2, _detector_sides(kind, True), 3, requires_heads=True)
+                lambda s: 2, _detector_sides(kind, True), 5, requires_heads=True)
         )
+    rows.append(
+        Row("faster_rcnn_finetune", "Faster R-CNN R50-FPN fine-tuning step, 2 images 512x512 (FrozenBN, stem and "
+            "c2 frozen, as from an ImageNet backbone)", "ms", lambda s: 2,
+            _detector_sides("faster_rcnn", True, finetune=True), 5, requires_heads=True)
+    )
     rows.append(
         Row("faster_rcnn_r18_train", "Faster R-CNN R18-FPN training step, 4 images 256x256", "ms", lambda s: 4,
             _detector_sides("faster_rcnn", True, r18=True), 5, requires_heads=True)
@@ -421,10 +446,20 @@ def _high_water_mark_mib() -> float:
     raise RuntimeError("VmHWM not found in /proc/self/status")
 
 
+def _release_free_heap() -> None:
+    """Return the C heap's free pages to the kernel (glibc ``malloc_trim``), so that the peak RSS counts live memory,
+    not what building the model (loading weights, a deep copy) left freed but still mapped."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to release, the probe is just less exact
+        pass
+
+
 def _probe_memory(row_name: str, side: str, settings: Settings) -> dict[str, float]:
     """In a fresh process (``--_probe``): build one side, reset the RSS high-water mark, run two steps."""
     runner = ROWS[row_name].sides[side](settings)
     gc.collect()
+    _release_free_heap()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
     before = _high_water_mark_mib()
