@@ -108,6 +108,37 @@ def test_eval_coco_weights_mode_rebuilds_model_from_checkpoint(trained, shapes, 
         (out / "coco_results.json").read_text())
 
 
+def test_eval_coco_bf16_stays_close_to_float32(trained, shapes, tmp_path):
+    out, metrics = trained
+    assert eval_coco.main(["--weights", str(out / "model_final.pth"), "--val-images", shapes["val_images"],
+                           "--val-ann", shapes["val_ann"], "--output-dir", str(tmp_path), "--workers", "0",
+                           "--bf16"]) == 0
+    bf16 = json.loads((tmp_path / "metrics.json").read_text())
+    for iou_type in ("bbox", "segm"):
+        assert bf16[iou_type]["AP50"] == pytest.approx(metrics[iou_type]["AP50"], abs=0.05)
+
+
+def test_infer_and_eval_pass_bf16_and_compile_to_optimize_for_inference(trained, shapes, tmp_path, monkeypatch):
+    import backbones
+
+    calls = []
+
+    def record(model, **options):
+        calls.append(options)
+        return model
+
+    monkeypatch.setattr(backbones, "optimize_for_inference", record)
+    out, _ = trained
+    image = str(sorted(Path(shapes["val_images"]).glob("*.jpg"))[0])
+    weights = str(out / "model_final.pth")
+    assert infer.main([image, "--weights", weights, "--output-dir", str(tmp_path / "a")]) == 0
+    assert calls == []  # default: the eval-mode model itself
+    assert infer.main([image, "--weights", weights, "--output-dir", str(tmp_path / "b"), "--compile"]) == 0
+    assert eval_coco.main(["--weights", weights, "--val-images", shapes["val_images"], "--val-ann",
+                           shapes["val_ann"], "--output-dir", str(tmp_path / "c"), "--workers", "0", "--bf16"]) == 0
+    assert calls == [dict(bf16=False, compile=True), dict(bf16=True, compile=False)]
+
+
 def test_infer_writes_pictures_and_json(trained, shapes, tmp_path):
     out, _ = trained
     images = sorted(Path(shapes["val_images"]).glob("*.jpg"))[:2]

@@ -397,6 +397,12 @@ def _rows() -> list[Row]:
                 lambda s: 1, _detector_sides(kind, False, optimize={}), 5, check=_detections_agree,
                 requires_heads=True)
         )
+        rows.append(
+            Row(f"{kind}_infer_opt_compile",
+                f"{label} R50-FPN inference, 1 image 480x640, optimize_for_inference(compile=True)", "ms",
+                lambda s: 1, _detector_sides(kind, False, optimize=dict(compile=True)), 5, compiled=True,
+                check=_detections_agree, requires_heads=True)
+        )
     for kind, label in (("faster_rcnn", "Faster R-CNN"), ("mask_rcnn", "Mask R-CNN")):
         rows.append(
             Row(f"{kind}_train", f"{label} R50-FPN training step, 2 images 512x512 (from scratch: BN)", "ms",

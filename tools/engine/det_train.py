@@ -681,6 +681,14 @@ def load_detector(
     }
 
 
+def _for_inference(model: nn.Module, bf16: bool, compile: bool) -> nn.Module:
+    """The eval-mode model as is (already folding its norms on the fly, channels_last), or, with ``bf16`` or
+    ``compile``, its :func:`backbones.optimize_for_inference` copy (bf16 where the device has it natively)."""
+    if not (bf16 or compile):
+        return model
+    return backbones.optimize_for_inference(model, bf16=bf16, compile=compile)
+
+
 def _label_mapping(info: dict[str, Any], dataset: CocoDetection) -> dict[int, int]:
     """Label -> category id: the checkpoint's, else torchvision's COCO numbering (label = id), else the dataset's."""
     if info["label_to_cat_id"] is not None:
@@ -708,15 +716,18 @@ def evaluate_checkpoint(
     batch_size: int = 2,
     workers: int = 2,
     allow_outside_root: bool = False,
+    bf16: bool = False,
+    compile: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Evaluate a detector checkpoint on a COCO set; prints the table, writes ``coco_results.json`` and ``metrics.json``.
 
     Detections whose class the dataset lacks (a COCO model on a subset) are left out.
     ``allow_outside_root``: accept annotation ``file_name``s that are absolute or leave ``val_images``.
+    ``bf16`` / ``compile``: run through :func:`backbones.optimize_for_inference` with those options.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, info = load_detector(weights, overrides)
-    model.to(dev)
+    model = _for_inference(model.to(dev), bf16, compile)
     masks = model.roi_heads.has_mask()
     val_set = CocoDetection(val_images, val_ann, None, with_masks=masks, allow_outside_root=allow_outside_root)
     mapping = _label_mapping(info, val_set)
@@ -760,11 +771,14 @@ def infer_images(
     score_thresh: float = 0.5,
     overrides: dict[str, Any] | None = None,
     device: str | None = None,
+    bf16: bool = False,
+    compile: bool = False,
 ) -> list[dict[str, Any]]:
     """Run a detector on image files; writes ``OUTPUT_DIR/<stem>.png`` (detections drawn) and ``detections.json``.
 
     Returns the JSON content: per image ``{"image", "output", "detections": [{"box" (xyxy),
     "score", "label", "category_id", "category_name"}]}`` for detections scoring ``>= score_thresh``.
+    ``bf16`` / ``compile``: run through :func:`backbones.optimize_for_inference` with those options.
     """
     if not 0.0 <= score_thresh <= 1.0:
         raise ValueError(f"score_thresh must be in [0, 1], got {score_thresh}")
@@ -772,7 +786,7 @@ def infer_images(
         raise ValueError("no images given")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, info = load_detector(weights, overrides)
-    model.to(dev)
+    model = _for_inference(model.to(dev), bf16, compile)
     names = info["class_names"]
     mapping = info["label_to_cat_id"]
     out = Path(output_dir)
