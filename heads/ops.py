@@ -56,6 +56,9 @@ _MAX_TABLE_ENTRIES = 1 << 25
 # RoIAlign's forward gathers this many bytes of channels-last bins at a time before transposing them into the
 # [K, C, PH, PW] output (about 160 RoIs of 256 x 7 x 7 in float32).
 _POOL_CHUNK_BYTES = 8 << 20
+# The backward's chunks are larger: each one builds its own sparse matrix over all pixels, which costs time per
+# chunk (4 MB chunks: 1.6x slower than one chunk on the docstring's case; 32 MB: as fast, half the extra memory).
+_UNPOOL_CHUNK_BYTES = 32 << 20
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -286,10 +289,19 @@ def _transposed_table(table: _SampleTable) -> Tensor:
 def _unpool(grad_output: Tensor, table: _SampleTable, needs_grad: Sequence[bool],
             dtype: torch.dtype, channels_last: Sequence[bool]) -> list[Optional[Tensor]]:
     """Backward: ``M^T @ grad`` split back into one [N, C, H, W] gradient per level."""
-    channels = grad_output.shape[1]
+    num_rois, channels, out_h, out_w = grad_output.shape
+    bins_per_roi = out_h * out_w
+    num_pixels = sum(s[0] * (s[2] + 1) * (s[3] + 1) for s in table.level_shapes)
     # MKL's CSR matmul has no bf16/fp16 kernel; accumulate those in float32.
-    rows = grad_output.permute(0, 2, 3, 1).reshape(-1, channels).to(table.weight.dtype)
-    pixels = _transposed_table(table) @ rows
+    pixels = grad_output.new_zeros(num_pixels, channels, dtype=table.weight.dtype)
+    # A chunk of RoIs at a time, like the forward: the channels-last copy of the gradient and the sparse matrix
+    # exist for one chunk only, not for all bins (that copy alone is as large as the pooled output).
+    step = max(1, _UNPOOL_CHUNK_BYTES // (bins_per_roi * channels * pixels.element_size()))
+    for start in range(0, num_rois, step):
+        rows = slice(start * bins_per_roi, min(start + step, num_rois) * bins_per_roi)
+        chunk = table._replace(index=table.index[rows], anchor=table.anchor[rows], weight=table.weight[rows])
+        grad_rows = grad_output[start:start + step].permute(0, 2, 3, 1).reshape(-1, channels)
+        pixels += _transposed_table(chunk) @ grad_rows.to(pixels.dtype)
     grads: list[Optional[Tensor]] = []
     start = 0
     for shape, wanted, cl in zip(table.level_shapes, needs_grad, channels_last):

@@ -141,6 +141,35 @@ def test_folded_norm_equals_two_step_forward():
     torch.testing.assert_close(conv_norm(conv, bn, x), nn.BatchNorm2d(16).train()(conv(x)))
 
 
+def _saved_by_backward(fn) -> list[torch.Tensor]:
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fn()
+    return saved
+
+
+@pytest.mark.parametrize("size, folds", [(9, True), (2, False)])
+def test_fold_only_where_output_outnumbers_weight(size, folds):
+    """FrozenBN training: large outputs fold the norm into a rescaled weight (saved for the backward); where the
+    output is smaller than the weight (deep stages, small images), the norm runs on the activations and no
+    rescaled weight copy is kept. Both equal conv then norm."""
+    from backbones.norm import conv_norm
+
+    conv = nn.Conv2d(8, 16, 3, padding=1, bias=False)  # 1152 weights; outputs: 2592 (9x9) or 64 (2x2)
+    norm = randomize_norm_stats(FrozenBatchNorm2d(16))
+    x = torch.randn(2 if folds else 1, 8, size, size)
+    out = None
+
+    def forward():
+        nonlocal out
+        out = conv_norm(conv, norm, x)
+
+    saved = _saved_by_backward(forward)
+    rescaled = [t for t in saved if t.shape == conv.weight.shape and t.data_ptr() != conv.weight.data_ptr()]
+    assert bool(rescaled) == folds
+    torch.testing.assert_close(out, norm(conv(x)), rtol=1e-5, atol=1e-5)
+
+
 def test_channels_last_inputs_give_same_output():
     model = randomize_norm_stats(_tiny(50, out_features=ALL)).eval()
     x = torch.randn(2, 3, 75, 61)

@@ -314,9 +314,11 @@ def _detector_sides(
 ) -> "OrderedDict[str, Builder]":
     def ours(settings: Settings) -> Runner:
         n, h, w = _detector_sizes(kind, train, r18, settings)
+        # The R18 reference is ``resnet_fpn_backbone``'s default: FrozenBatchNorm2d, every layer trainable.
+        backbone_options = dict(norm="FrozenBN", frozen_stages=0) if r18 else None
         model = heads.build_detector(
             kind, "resnet18" if r18 else "resnet50", num_classes=91, pretrained_backbone=finetune,
-            min_size=min(h, w), max_size=max(h, w),
+            backbone_options=backbone_options, min_size=min(h, w), max_size=max(h, w),
         )
         reference = _torchvision_detector(kind, h, w, r18, calibrate=not train, finetune=finetune)
         heads.load_weights(model, reference.state_dict())
@@ -414,7 +416,8 @@ def _rows() -> list[Row]:
             _detector_sides("faster_rcnn", True, finetune=True), 5, requires_heads=True)
     )
     rows.append(
-        Row("faster_rcnn_r18_train", "Faster R-CNN R18-FPN training step, 4 images 256x256", "ms", lambda s: 4,
+        Row("faster_rcnn_r18_train", "Faster R-CNN R18-FPN training step, 4 images 256x256 (FrozenBN, every "
+            "layer trainable)", "ms", lambda s: 4,
             _detector_sides("faster_rcnn", True, r18=True), 5, requires_heads=True)
     )
     return rows
@@ -476,7 +479,12 @@ def _probe_memory(row_name: str, side: str, settings: Settings) -> dict[str, flo
 
 def _memory_in_subprocess(row_name: str, side: str, settings: Settings) -> Optional[float]:
     command = [sys.executable, os.path.abspath(__file__), "--_probe", row_name, side, json.dumps(dataclasses.asdict(settings))]
-    done = subprocess.run(command, capture_output=True, text=True)
+    # glibc serves blocks below its mmap threshold from the heap and raises that threshold (up to 32 MiB) each time
+    # a larger block is freed, so with its defaults the peak RSS depends on the order of earlier frees (heap
+    # fragmentation) as much as on the memory in use (peaks of one step moved by tens of MiB). A fixed threshold
+    # returns every freed block of 64 KiB or more at once, so the peak counts live memory. Same for every side.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 << 10)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         print(f"  memory probe of {row_name}/{side} failed: {done.stderr.strip().splitlines()[-1:]}", flush=True)
         return None
