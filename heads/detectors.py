@@ -3,7 +3,7 @@
 The models are torchvision's detection pipeline (GeneralizedRCNN with its RPN, RoIHeads and transform), wired
 from the backbone's ``output_shape()`` instead of torchvision's hard-coded level names. Module names match
 torchvision's ``fasterrcnn_resnet50_fpn`` / ``maskrcnn_resnet50_fpn`` (and ``_v2``), so their checkpoints load.
-What we add: input validation with clear messages, class-agnostic box regression, and a ``variant`` switch.
+What we add: input validation, class-agnostic box regression, a ``variant`` switch, batched post-processing.
 """
 from typing import Optional, Sequence
 
@@ -12,12 +12,11 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.models.detection.rpn import RPNHead
 
 from heads.inputs import check_images, check_targets
 from heads.ops import MultiScaleRoIAlign
+from heads.postprocess import BatchedGeneralizedRCNNTransform, BatchedRegionProposalNetwork, BatchedRoIHeads
 
 __all__ = ["FasterRCNN", "MaskRCNN", "ClassAgnosticBoxPredictor", "VARIANTS"]
 
@@ -179,7 +178,7 @@ class FasterRCNN(GeneralizedRCNN):
             rpn_head = RPNHead(
                 channels, rpn_anchor_generator.num_anchors_per_location()[0], conv_depth=2 if variant == "v2" else 1
             )
-        rpn = RegionProposalNetwork(
+        rpn = BatchedRegionProposalNetwork(
             rpn_anchor_generator,
             rpn_head,
             rpn_fg_iou_thresh,
@@ -205,7 +204,7 @@ class FasterRCNN(GeneralizedRCNN):
         if box_predictor is None:
             predictor = ClassAgnosticBoxPredictor if class_agnostic_box_reg else FastRCNNPredictor
             box_predictor = predictor(_REPRESENTATION_SIZE, num_classes)
-        roi_heads = RoIHeads(
+        roi_heads = BatchedRoIHeads(
             box_roi_pool,
             box_head,
             box_predictor,
@@ -219,7 +218,7 @@ class FasterRCNN(GeneralizedRCNN):
             box_detections_per_img,
         )
 
-        transform = GeneralizedRCNNTransform(
+        transform = BatchedGeneralizedRCNNTransform(
             min_size,
             max_size,
             list(image_mean) if image_mean is not None else [0.485, 0.456, 0.406],
