@@ -425,9 +425,8 @@ class MultiScaleRoIAlign(torchvision.ops.MultiScaleRoIAlign):
     Constructor, level mapping and scale inference are torchvision's. On CPU all levels
     are pooled in one sparse product instead of one ``roi_align`` per level: that saves
     torchvision's zero-filled result and the scatter of each level's output into it
-    (and the matching gather in backward), and one sort and matmul replace four.
-    Measured (FPN case of the module docstring, 2 threads): fused fwd 0.82 s / bwd
-    1.6 s vs our ``roi_align`` per level 1.2 s / 2.9 s vs torchvision 1.7 s / 7.2 s.
+    (and the matching gather in backward), and one sort and matmul replace four
+    (timings in the module docstring).
     Elsewhere (CUDA, quantized, oversized adaptive tables) it is torchvision's module.
 
     Example:
