@@ -150,9 +150,9 @@ def _saved_by_backward(fn) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("size, folds", [(9, True), (2, False)])
 def test_fold_only_where_output_outnumbers_weight(size, folds):
-    """FrozenBN training: large outputs fold the norm into a rescaled weight (saved for the backward); where the
-    output is smaller than the weight (deep stages, small images), the norm runs on the activations and no
-    rescaled weight copy is kept. Both equal conv then norm."""
+    """FrozenBN training: large outputs fold the norm into the convolution; where the output is smaller than the
+    weight (deep stages, small images) the norm runs on the activations. Neither keeps a rescaled copy of the weight
+    for the backward. Both equal conv then norm."""
     from backbones.norm import conv_norm
 
     conv = nn.Conv2d(8, 16, 3, padding=1, bias=False)  # 1152 weights; outputs: 2592 (9x9) or 64 (2x2)
@@ -165,9 +165,29 @@ def test_fold_only_where_output_outnumbers_weight(size, folds):
         out = conv_norm(conv, norm, x)
 
     saved = _saved_by_backward(forward)
-    rescaled = [t for t in saved if t.shape == conv.weight.shape and t.data_ptr() != conv.weight.data_ptr()]
-    assert bool(rescaled) == folds
+    assert ("ScaledWeightConv" in type(out.grad_fn).__name__) == folds
+    assert not [t for t in saved if t.shape == conv.weight.shape and t.data_ptr() != conv.weight.data_ptr()]
     torch.testing.assert_close(out, norm(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("groups, stride, dilation", [(1, 1, 1), (4, 2, 1), (2, 1, 2)])
+def test_folded_conv_gradients_equal_two_step(groups, stride, dilation):
+    """Gradients through the fold (input, conv weight, and an eval-mode BatchNorm's affine parameters) equal those
+    of conv then norm, in float64."""
+    from backbones.norm import conv_norm
+
+    conv = nn.Conv2d(8, 16, 3, stride, padding=dilation, dilation=dilation, groups=groups, bias=True).double()
+    bn = randomize_norm_stats(nn.BatchNorm2d(16)).double().eval()
+    x = torch.randn(2, 8, 12, 12, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 16, 12 // stride, 12 // stride, dtype=torch.float64)
+    params = [x, conv.weight, conv.bias, bn.weight, bn.bias]
+
+    folded = conv_norm(conv, bn, x)
+    assert "ScaledWeightConv" in type(folded.grad_fn).__name__
+    ours = torch.autograd.grad(folded, params, grad)
+    reference = torch.autograd.grad(bn(conv(x)), params, grad)
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b)
 
 
 def test_channels_last_inputs_give_same_output():
