@@ -9,6 +9,7 @@ import logging
 import multiprocessing
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -44,15 +45,24 @@ def det_yaml(tmp_path_factory) -> Path:
     return path
 
 
-def _torchrun(config: Path, out: Path, max_restarts: int, crash_at: str) -> tuple[subprocess.CompletedProcess, float]:
+def _torchrun(config: Path, out: Path, max_restarts: int, crash_at: str,
+              timeout: float = 300) -> tuple[subprocess.CompletedProcess, float]:
+    """Run the tiny job under torchrun; on ``timeout`` the whole process group (workers too) is killed and
+    ``subprocess.TimeoutExpired`` raised."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RESDET_CRASH_AT": crash_at, "RESDET_CRASH_RANK": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "--max-restarts", str(max_restarts), "--monitor-interval", "0.5",
+               "tools/train_det.py", "--config", str(config), "--output-dir", str(out)]
     start = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "--max-restarts", str(max_restarts), "--monitor-interval", "0.5",
-         "tools/train_det.py", "--config", str(config), "--output-dir", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     return result, time.monotonic() - start
 
 
@@ -82,12 +92,6 @@ def _ddp_rank(config: str, out: str, rank: int, port: int) -> None:
     det_train.train(load_config(det_train.DetTrainConfig, config, {"output_dir": out}))
 
 
-@pytest.mark.xfail(
-    os.environ.get("CI") == "true",
-    strict=False,
-    reason="the restarted gloo group's TCP set-up has failed intermittently when run after other torchrun tests on "
-    "2 cores; passes when run on its own (tracked as a known flake, not a resume bug)",
-)
 def test_elastic_restart_resumes_from_last_checkpoint_exactly(det_yaml, tmp_path):
     # Reference: the same 2-process job without faults, as two forked ranks (skips two interpreter starts).
     ctx = multiprocessing.get_context("forkserver")
@@ -103,14 +107,23 @@ def test_elastic_restart_resumes_from_last_checkpoint_exactly(det_yaml, tmp_path
     # Rank 1 dies inside the 5th step, after the checkpoint of iteration 4; torchrun restarts both ranks. The
     # hook fires only in the first attempt; a second restart is allowed because on a loaded machine gloo's
     # connection set-up of a restarted group has been seen to time out once (outside our code).
+    # gloo's TCP mesh set-up of a restarted group has failed ("connectFullMesh") or hung intermittently when this
+    # test runs after the other torchrun tests on 2 cores, and passes on its own: torch's transport, not the resume
+    # logic under test. Such attempts are run again; if every attempt hits it, the test is reported as xfail
+    # (a known transport flake). Any other failure, and wrong resumed weights, fail the test.
+    result = None
     for attempt in range(2):
         out = tmp_path / f"elastic{attempt}"
-        result, _ = _torchrun(det_yaml, out, max_restarts=2, crash_at="train_step:5")
+        try:
+            result, _ = _torchrun(det_yaml, out, max_restarts=2, crash_at="train_step:5", timeout=100)
+        except subprocess.TimeoutExpired:
+            result = None
+            continue
         output = result.stdout + result.stderr
-        # gloo's TCP mesh set-up of a restarted group can time out on an overloaded machine (seen with several
-        # test suites sharing 2 cores); that is torch's transport, not the resume logic under test: run it again.
         if result.returncode == 0 or "connectFullMesh" not in output:
             break
+    if result is None or (result.returncode != 0 and "connectFullMesh" in result.stdout + result.stderr):
+        pytest.xfail("gloo's connection set-up of the restarted group hung or failed in every attempt")
     assert result.returncode == 0, output[-3000:]
     assert "torchrun restarted the workers" in output and "resumed from" in output
     assert "model_0000004.pth (iteration 4)" in output
