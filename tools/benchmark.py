@@ -4,11 +4,12 @@ Every row builds each side (resdet, torchvision, timm) with the same weights whe
 in this one process with one thread count and the same input tensors, runs them alternately (resdet, reference,
 resdet, reference, ...) and reports medians; ratio = reference time / resdet time (> 1: resdet is faster).
 Peak memory: on CPU, the peak RSS of a fresh subprocess that builds only that side and runs two steps (the
-kernel's high-water mark ``VmHWM``, reset just before the steps, so model construction does not count);
+kernel's high-water mark ``VmHWM``, reset just before the steps, so model construction does not count; glibc's
+mmap threshold is fixed in that process so that freed blocks leave the RSS at once, see ``_memory_in_subprocess``);
 on GPU, ``torch.cuda.max_memory_allocated`` over the timed steps. FLOPs are counted once per row with
 ``torch.utils.flop_counter.FlopCounterMode`` and set against the machine's measured matmul throughput.
 
-    python tools/benchmark.py                       # default CPU rows (about 10 minutes on 2 cores)
+    python tools/benchmark.py                       # default CPU rows (about 20 minutes on 2 cores)
     python tools/benchmark.py --quick               # smoke run, tiny sizes (under 2 minutes)
     python tools/benchmark.py --rows 'resnet50_*' --json out.json
 """
