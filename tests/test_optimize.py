@@ -14,14 +14,7 @@ from backbones.optimize import BF16_TOLERANCE, bf16_supported, fold_norms_, opti
 FEATURES = ("c2", "c3", "c4", "c5")
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny inputs: one thread skips OpenMP's per-op synchronisation, which dominates at these sizes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny inputs: see conftest
 
 
 def _norms(model: nn.Module) -> list[nn.Module]:

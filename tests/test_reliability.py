@@ -58,14 +58,8 @@ CLS_KILLS = {
     "eval:1": ["model_0000002.pth"],  # the evaluation ending epoch 1
 }
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The same thread count in this process and in the killed children: CPU sums may depend on it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# The same thread count in this process and in the killed children: CPU sums may depend on it.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -39,15 +39,6 @@ from tools.engine.train_utils import check_finite, clip_gradients, resolve_amp
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def one_thread():
-    """Same thread count in-process and in subprocesses: CPU kernels may sum in a thread-dependent order."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tint_data(tmp_path_factory) -> Path:
     """Two classes told apart by colour (red / blue noise): learnable in a dozen iterations."""
