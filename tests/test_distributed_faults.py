@@ -115,7 +115,7 @@ def test_elastic_restart_resumes_from_last_checkpoint_exactly(det_yaml, tmp_path
     for attempt in range(2):
         out = tmp_path / f"elastic{attempt}"
         try:
-            result, _ = _torchrun(det_yaml, out, max_restarts=2, crash_at="train_step:5", timeout=100)
+            result, _ = _torchrun(det_yaml, out, max_restarts=2, crash_at="train_step:5", timeout=75)
         except subprocess.TimeoutExpired:
             result = None
             continue
