@@ -94,14 +94,37 @@ def init_distributed(device: str = "cuda", timeout_s: float = 300) -> DistInfo:
     if not dist.is_initialized():
         # Without async error handling a NCCL collective waiting on a dead peer ignores the timeout.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(
             backend=backend,
             rank=rank,
             world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timeout,
             device_id=dev if backend == "nccl" else None,
+            store=_restart_scoped_store(rank, world_size, timeout),
         )
     return DistInfo(rank, world_size, local_rank, dev, True)
+
+
+def _restart_scoped_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """The process group's store, its keys scoped to this torchrun restart; ``None`` (torch's default) elsewhere.
+
+    torchrun's agent hosts one TCPStore for the whole job and gives every restarted worker group the same
+    ``MASTER_PORT``, while torch names the process group's keys (gloo's listening addresses, NCCL's unique
+    id) the same in every attempt. A restarted worker can then read the address a dead worker of the
+    previous attempt left, before its new peer overwrites it: gloo's ``connectFullMesh`` fails with
+    "Connection refused", or both sides wait for each other until the timeout, depending on which side
+    was slower. Under a per-restart prefix no key can be stale.
+
+    ``TORCHELASTIC_RESTART_COUNT`` is the same in every worker only when one agent started them all
+    (a single node): each agent counts its own restarts. Across nodes torch's default is kept; there
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` in torchrun's environment gives each restart a fresh store.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True) or _env_int("GROUP_WORLD_SIZE", 1) != 1:
+        return None
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    return dist.PrefixStore(f"default_pg/restart_{_env_int('TORCHELASTIC_RESTART_COUNT', 0)}", store)
 
 
 def is_distributed() -> bool:
