@@ -157,7 +157,9 @@ def test_fold_only_where_output_outnumbers_weight(size, folds):
 
     conv = nn.Conv2d(8, 16, 3, padding=1, bias=False)  # 1152 weights; outputs: 2592 (9x9) or 64 (2x2)
     norm = randomize_norm_stats(FrozenBatchNorm2d(16))
-    x = torch.randn(2 if folds else 1, 8, size, size)
+    # channels_last, as every convolution after the stem sees it. (For an NCHW input conv_norm passes a channels_last
+    # copy of the weight, so that the output is channels_last; for the stem's 3-channel weight that copy is 37 KB.)
+    x = torch.randn(2 if folds else 1, 8, size, size).contiguous(memory_format=torch.channels_last)
     out = None
 
     def forward():
@@ -188,6 +190,41 @@ def test_folded_conv_gradients_equal_two_step(groups, stride, dilation):
     reference = torch.autograd.grad(bn(conv(x)), params, grad)
     for a, b in zip(ours, reference):
         torch.testing.assert_close(a, b)
+
+
+def test_training_keeps_no_copy_of_the_batch_and_no_pooling_indices():
+    """In training the stem keeps the caller's NCHW batch for its weight gradient (not a channels_last copy) and
+    the max-pool keeps no int64 indices; the features are channels_last all the same."""
+    model = _tiny(18, out_features=ALL).train()
+    x = torch.randn(2, 3, 32, 32)
+    features = {}
+
+    def forward():
+        features.update(model(x))
+
+    saved = _saved_by_backward(forward)
+    assert any(t.data_ptr() == x.data_ptr() for t in saved)
+    assert not [t for t in saved if t.shape == x.shape and t.data_ptr() != x.data_ptr()]
+    assert not [t for t in saved if t.dtype == torch.int64 and t.dim() == 4]
+    assert all(f.is_contiguous(memory_format=torch.channels_last) for f in features.values())
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_stem_max_pool_gradient_equals_max_pool2d(channels_last):
+    """The max-pool that finds its argmax again in the backward gives max_pool2d's gradient, ties included."""
+    x = torch.randn(2, 4, 15, 17, dtype=torch.float64)
+    x[:, :, 4:8, 4:9] = 1.0  # a plateau: every window over it has tied maxima
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ours, reference = x.clone().requires_grad_(), x.clone().requires_grad_()
+    grad = torch.randn(2, 4, 8, 9, dtype=torch.float64)
+    out = B.resnet.StemMaxPool(3, 2, 1)(ours)
+    assert "MaxPoolRecompute" in type(out.grad_fn).__name__
+    out.backward(grad)
+    expected = nn.functional.max_pool2d(reference, 3, 2, 1)
+    expected.backward(grad)
+    assert torch.equal(out, expected)
+    assert torch.equal(ours.grad, reference.grad)
 
 
 def test_channels_last_inputs_give_same_output():
