@@ -6,20 +6,24 @@ on a 2-core CPU. Here RoIAlign is written as a sparse linear map instead:
 
     out[bin, c] = sum_pixel M[bin, pixel] * features[pixel, c]
 
-where a bin is one (RoI, ph, pw) output cell and the pixels are those of all pyramid
-levels, flattened channels-last. A row of ``M`` holds the bilinear weights of one bin
-(4 corners for each of its grid_h * grid_w samples), computed from the box alone with
-torchvision's exact sampling rules (same positions, clamping and out-of-map zeros), so
-the results agree with ``torchvision.ops.roi_align`` to float rounding.
+where a bin is one (RoI, ph, pw) output cell and the pixels are those of the RoI's
+pyramid level, flattened channels-last: for the channels-last maps an FPN produces that
+is a view, not a copy. A row of ``M`` holds the bilinear weights of one bin (4 corners
+for each of its grid_h * grid_w samples), computed from the box alone with torchvision's
+exact sampling rules (same positions, clamping and out-of-map zeros), so the results
+agree with ``torchvision.ops.roi_align`` to float rounding. The RoIs are grouped by level
+and each level is pooled from its own map.
 
 * forward: ``F.embedding_bag`` with per-sample weights gathers the rows (a parallel,
   vectorised kernel; 2x faster here than the same product as a CSR matmul);
 * backward: ``M^T @ grad`` as a CSR sparse-dense matmul (MKL, parallel; 1.5x faster
   here than letting ``embedding_bag``'s own backward do it). Building the CSR needs the
-  entries grouped by pixel, i.e. a sort. Each pixel row is padded by one column and
-  each map by one row, so that a sample's four corners sit at fixed offsets
-  (0, 1, W+1, W+2) from its top-left corner; only those anchors are sorted (4x fewer
-  keys than corners) and the corners' places follow by counting.
+  entries grouped by pixel, i.e. a sort. A sample's four corners sit at fixed offsets
+  (0, 1, W, W+1) from its top-left corner (the "anchor"), so only the anchors are sorted
+  (4x fewer keys than corners) and the corners' places follow by counting. At a map's far
+  edges the corners past it have weight 0; in the backward they land in a few rows of
+  padding after the level's gradient, in the forward on the edge pixel itself, as in
+  torchvision's kernel.
 
 Measured on a 2-core CPU (torch.set_num_threads(2), load 1.3, medians of 5 alternating
 runs): 4 images x 512 RoIs, 256 channels, 7x7 output, sampling_ratio=2, p2..p5 of a
@@ -32,10 +36,9 @@ too large (adaptive sampling on huge boxes), the functions call torchvision's op
 """
 from __future__ import annotations
 
-import functools
 import math
 import warnings
-from typing import Callable, NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -57,24 +60,24 @@ _MAX_TABLE_ENTRIES = 1 << 25
 # RoIAlign's forward gathers this many bytes of channels-last bins at a time before transposing them into the
 # [K, C, PH, PW] output (about 160 RoIs of 256 x 7 x 7 in float32).
 _POOL_CHUNK_BYTES = 8 << 20
-# The backward's chunks are larger: each one builds its own sparse matrix over all pixels, which costs time per
-# chunk (R50-FPN training shapes, 2 images of 512 px x 512 RoIs: one chunk 82 ms, 32 MB chunks 82 ms, 16 MB 98 ms,
-# 4 MB 159 ms). 16 MB trades 16 ms a step (0.4%) for 16 MB less at the step's memory peak. Each chunk is
-# accumulated in place (``addmm_``), so no pixel-sized temporary exists per chunk.
-_UNPOOL_CHUNK_BYTES = 8 << 20
+# The backward works a chunk of RoIs at a time too: the channels-last copy of the output gradient and the sparse
+# matrix exist for one chunk only. Each chunk is accumulated in place (``addmm_``) into its level's gradient.
+_UNPOOL_CHUNK_BYTES = 16 << 20
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 class _SampleTable(NamedTuple):
-    """Sparse RoIAlign matrix over padded, channels-last pixels of all levels.
+    """Sparse RoIAlign matrix, RoIs grouped by level, pixels numbered channels-last within each level's map.
 
-    E bins (RoIs x PH x PW), S samples per bin (the largest grid_h * grid_w).
+    E bins (RoIs x PH x PW, in ``order``), S samples per bin (the largest grid_h * grid_w).
     """
 
-    index: Tensor  # [E, 4 * S] padded pixel of every corner of every sample (forward)
-    anchor: Tensor  # [E, S] padded pixel of every sample's top-left corner (backward)
+    index: Optional[Tensor]  # [E, 4 * S] pixel of every corner of every sample, on the map (forward only)
+    anchor: Tensor  # [E, S] pixel of every sample's top-left corner (backward: corners at 0, 1, W, W + 1 from it)
     weight: Tensor  # [E, S, 4] corner weights, divided by the bin's sample count
+    order: Tensor  # [K] the RoIs' positions in the output, level by level
+    level_rois: tuple[int, ...]  # RoIs on each level
     level_shapes: tuple[torch.Size, ...]  # [N, C, H, W] of each level
     adaptive: bool  # sampling_ratio <= 0: unused samples padded with zero weights
 
@@ -92,8 +95,9 @@ def _axis_samples(
         size: [K] feature-map size along this axis.
 
     Returns:
-        low [K, pooled, max_grid] (int64) and weight [K, pooled, max_grid, 2]. At the
-        map's far edge the upper weight is 0, so low + 1 may point into the padding.
+        low and high [K, pooled, max_grid] (int64), and weight [K, pooled, max_grid, 2]. At
+        the map's far edge the upper weight is 0 and high == low, as in torchvision's kernel
+        (low + 1 would lie past the map).
     """
     dtype = start.dtype
     bins = torch.arange(pooled, dtype=dtype, device=start.device)[None, :, None]
@@ -112,7 +116,8 @@ def _axis_samples(
     low = torch.where(at_edge, size - 1, low)
     pos = torch.where(at_edge, low.to(dtype), pos)
     frac = pos - low
-    return low, torch.stack([(1.0 - frac) * valid, frac * valid], dim=-1)
+    high = torch.where(at_edge, low, low + 1)
+    return low, high, torch.stack([(1.0 - frac) * valid, frac * valid], dim=-1)
 
 
 def _grid_sizes(
@@ -128,6 +133,17 @@ def _grid_sizes(
     max_h = max(int(grid_h.max()), 1) if grid_h.numel() else 1
     max_w = max(int(grid_w.max()), 1) if grid_w.numel() else 1
     return grid_h, grid_w, max_h, max_w
+
+
+def _per_roi_outer(y: Tensor, x: Tensor, op) -> Tensor:
+    """``op`` of every pair: [K, PH, gh, 2] and [K, PW, gw, 2] -> [K, PH, PW, gh, gw, 2, 2] (a view).
+
+    Computed as one 3-d broadcast per RoI and then permuted: 4x faster than broadcasting the 7-d shapes directly.
+    """
+    rois, pooled_h, grid_h, _ = y.shape
+    pooled_w, grid_w = x.shape[1:3]
+    pairs = op(y.reshape(rois, pooled_h * grid_h * 2, 1), x.reshape(rois, 1, pooled_w * grid_w * 2))
+    return pairs.view(rois, pooled_h, grid_h, 2, pooled_w, grid_w, 2).permute(0, 1, 4, 2, 5, 3, 6)
 
 
 def _sample_table(
@@ -149,12 +165,16 @@ def _sample_table(
     """
     device = rois.device
     num_rois = rois.shape[0]
-    levels = torch.zeros(num_rois, dtype=torch.long, device=device) if levels is None else levels.long()
+    if levels is None:
+        order = torch.arange(num_rois, device=device)
+        levels = torch.zeros(num_rois, dtype=torch.long, device=device)
+    else:
+        order = torch.argsort(levels, stable=True)
+        levels = levels[order].long()
+        rois = rois[order]
+    level_rois = tuple(torch.bincount(levels, minlength=len(level_shapes)).tolist())
     heights = torch.tensor([s[2] for s in level_shapes], device=device)[levels]
     widths = torch.tensor([s[3] for s in level_shapes], device=device)[levels]
-    # Padded layout: every level is [N, H + 1, W + 1] pixels, levels one after another.
-    padded_sizes = [s[0] * (s[2] + 1) * (s[3] + 1) for s in level_shapes]
-    level_start = torch.tensor([0] + padded_sizes[:-1], device=device).cumsum(0)[levels]
     scale = torch.tensor(list(scales), dtype=compute_dtype, device=device)[levels]
 
     rois = rois.to(compute_dtype)
@@ -172,85 +192,79 @@ def _sample_table(
     if num_rois * pooled_h * pooled_w * 4 * samples > _MAX_TABLE_ENTRIES:
         return None
 
-    low_y, weight_y = _axis_samples(y1, roi_h / pooled_h, grid_h, max_h, pooled_h, heights)
-    low_x, weight_x = _axis_samples(x1, roi_w / pooled_w, grid_w, max_w, pooled_w, widths)
-    row = widths + 1
-    image_start = level_start + rois[:, 0].long() * (heights + 1) * row
-
-    def per_roi(t: Tensor) -> Tensor:
-        return t[:, None, None, None, None]
-
-    # [K, PH, PW, grid_h, grid_w]: outer product of the two axes.
-    anchor = per_roi(image_start) + low_y[:, :, None, :, None] * per_roi(row) + low_x[:, None, :, None, :]
+    low_y, high_y, weight_y = _axis_samples(y1, roi_h / pooled_h, grid_h, max_h, pooled_h, heights)
+    low_x, high_x, weight_x = _axis_samples(x1, roi_w / pooled_w, grid_w, max_w, pooled_w, widths)
+    # Pixel of each sample's lower and upper row and column: [K, PH, grid_h, 2] and [K, PW, grid_w, 2].
+    image_start = (rois[:, 0].long() * heights * widths)[:, None, None, None]
+    rows = image_start + torch.stack([low_y, high_y], dim=-1) * widths[:, None, None, None]
+    columns = torch.stack([low_x, high_x], dim=-1)
     count = (grid_h * grid_w).clamp(min=1).to(compute_dtype)
     weight_x = weight_x / count[:, None, None, None]
-    # [K, PH, PW, grid_h, grid_w, 2, 2] -> corners (y0 x0, y0 x1, y1 x0, y1 x1)
-    weight = weight_y[:, :, None, :, None, :, None] * weight_x[:, None, :, None, :, None, :]
-    corner_offset = torch.stack([torch.zeros_like(row), torch.ones_like(row), row, row + 1], dim=1)
-    index = anchor[..., None] + corner_offset[:, None, None, None, None, :]
+    # int32 keys halve the table and speed up the backward sort (the backward pads each level by W + 1 rows).
+    index_dtype = torch.int32 if max(s[0] * s[2] * s[3] + s[3] + 1 for s in level_shapes) < 2**31 else torch.int64
+    # [K, PH, PW, grid_h, grid_w, 2, 2]: corners (y0 x0, y0 x1, y1 x0, y1 x1) of every sample of every bin.
+    index = _per_roi_outer(rows.to(index_dtype), columns.to(index_dtype), torch.add)
+    weight = _per_roi_outer(weight_y, weight_x, torch.mul)
 
     bins = num_rois * pooled_h * pooled_w
-    # int32 keys halve the table and speed up the backward sort.
-    index_dtype = torch.int32 if sum(padded_sizes) < 2**31 else torch.int64
     return _SampleTable(
-        index=index.reshape(bins, 4 * samples).to(index_dtype),
-        anchor=anchor.reshape(bins, samples).to(index_dtype),
+        index=index.reshape(bins, 4 * samples),
+        anchor=index[..., 0, 0].reshape(bins, samples),
         weight=weight.reshape(bins, samples, 4),
+        order=order,
+        level_rois=level_rois,
         level_shapes=tuple(level_shapes),
         adaptive=sampling_ratio <= 0,
     )
 
 
-def _padded_pixels(features: Sequence[Tensor]) -> Tensor:
-    """All levels as one [sum_l N * (H_l + 1) * (W_l + 1), C] channels-last table."""
-    channels = features[0].shape[1]
-    total = sum(f.shape[0] * (f.shape[2] + 1) * (f.shape[3] + 1) for f in features)
-    pixels = features[0].new_empty(total, channels)
+def _level_chunks(table: _SampleTable, bins_per_roi: int, chunk_rois: int):
+    """``(level, rois, rows)`` per chunk: ``rois`` a slice of ``table.order`` on one level, ``rows`` its bins."""
     start = 0
-    for f in features:
-        n, _, h, w = f.shape
-        block = pixels[start:start + n * (h + 1) * (w + 1)].view(n, h + 1, w + 1, channels)
-        block[:, :h, :w] = f.permute(0, 2, 3, 1)
-        block[:, h].zero_()
-        block[:, :h, w].zero_()
-        start += block.shape[0] * (h + 1) * (w + 1)
-    return pixels
+    for level, count in enumerate(table.level_rois):
+        for first in range(start, start + count, chunk_rois):
+            last = min(first + chunk_rois, start + count)
+            yield level, slice(first, last), slice(first * bins_per_roi, last * bins_per_roi)
+        start += count
+
+
+def _channels_last_rows(feature: Tensor) -> Tensor:
+    """``[N * H * W, C]`` pixels of a map: a view for channels-last maps (FPN outputs), else a copy."""
+    return feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1])
 
 
 def _pool(features: Sequence[Tensor], table: _SampleTable, output_size: tuple[int, int]) -> Tensor:
-    """Forward: [E, C] weighted gathers, written into a [K, C, PH, PW] output a chunk of RoIs at a time.
+    """Forward: [E, C] weighted gathers from each level's map, written into a [K, C, PH, PW] output a chunk of RoIs
+    at a time.
 
     Chunks keep the channels-last rows of only ``_POOL_CHUNK_BYTES`` alive next to the output, instead of a second
     output-sized buffer (1000 RoIs x 256 x 7 x 7 is 50 MB): the peak memory of Faster R-CNN inference.
     """
     channels = features[0].shape[1]
-    pixels = _padded_pixels(features)
-    weights = table.weight.flatten(1).to(pixels.dtype)
+    pixels = [_channels_last_rows(f) if n else None for f, n in zip(features, table.level_rois)]
+    weights = table.weight.flatten(1).to(features[0].dtype)
     bins_per_roi = output_size[0] * output_size[1]
-    num_rois = table.index.shape[0] // bins_per_roi
-    out = pixels.new_empty(num_rois, channels, *output_size)
-    step = max(1, _POOL_CHUNK_BYTES // (bins_per_roi * channels * pixels.element_size()))
-    for start in range(0, num_rois, step):
-        rows = slice(start * bins_per_roi, min(start + step, num_rois) * bins_per_roi)
-        bins = F.embedding_bag(table.index[rows], pixels, per_sample_weights=weights[rows], mode="sum")
-        out[start:start + step].copy_(bins.view(-1, output_size[0], output_size[1], channels).permute(0, 3, 1, 2))
+    out = features[0].new_empty(len(table.order), channels, *output_size)
+    chunk_rois = max(1, _POOL_CHUNK_BYTES // (bins_per_roi * channels * features[0].element_size()))
+    for level, rois, rows in _level_chunks(table, bins_per_roi, chunk_rois):
+        bins = F.embedding_bag(table.index[rows], pixels[level], per_sample_weights=weights[rows], mode="sum")
+        # Transposed first, then scattered as whole RoIs: index_copy_ from the permuted view is 4x slower.
+        bins = bins.view(-1, *output_size, channels).permute(0, 3, 1, 2).contiguous()
+        out.index_copy_(0, table.order[rois], bins)
     return out
 
 
-def _transposed_table(table: _SampleTable) -> Tensor:
-    """``M^T`` as a CSR matrix [padded pixels, E], grouped by pixel without sorting corners.
+def _transposed_table(table: _SampleTable, num_pixels: int, row: int) -> Tensor:
+    """``M^T`` of one level as a CSR matrix [num_pixels, E], grouped by pixel without sorting corners.
 
-    Only the samples' anchors (top-left corners) are sorted; every other corner lies at
-    a fixed offset from its anchor (1, W + 1, W + 2 on the padded grid), so where each
-    corner entry goes in the pixel-grouped order follows from the anchor counts by
-    arithmetic: row start + entries of earlier corners in that row + rank among the
-    samples sharing the anchor. Sorting all corners instead costs 4x the keys.
-    Repeated (pixel, bin) pairs are fine: the matmul sums them.
+    Only the samples' anchors (top-left corners) are sorted; every other corner lies at a fixed offset from its
+    anchor (1, W, W + 1 for a row of W pixels), so where each corner entry goes in the pixel-grouped order follows
+    from the anchor counts by arithmetic: row start + entries of earlier corners in that row + rank among the
+    samples sharing the anchor. Sorting all corners instead costs 4x the keys. Repeated (pixel, bin) pairs are fine:
+    the matmul sums them. ``num_pixels`` covers the corners past the map's far edge (weight 0).
     """
     samples = table.anchor.shape[1]
-    num_pixels = sum(s[0] * (s[2] + 1) * (s[3] + 1) for s in table.level_shapes)
     keys = table.anchor.flatten()
-    corners = table.index.view(-1, 4)
     weight = table.weight.view(-1, 4)
     if table.adaptive:
         # The grid is padded to the largest RoI's; leave the unused samples out of the
@@ -267,7 +281,9 @@ def _transposed_table(table: _SampleTable) -> Tensor:
     rank = torch.arange(nnz, device=keys.device) - (torch.cumsum(per_anchor, 0) - per_anchor)[sorted_keys]
     # Corner c of the samples anchored at pixel a all land on a + offset_c, so their
     # rank among the entries landing there equals their rank among the anchor's.
-    destination = corners[order].long() + torch.arange(4, device=keys.device) * num_pixels  # [nnz, 4]
+    offsets = torch.tensor([0, 1, row, row + 1], device=keys.device)
+    corners = sorted_keys.long()[:, None] + offsets
+    destination = corners + torch.arange(4, device=keys.device) * num_pixels  # [nnz, 4]
     landing = torch.bincount(destination.flatten(), minlength=4 * num_pixels).view(4, num_pixels)
     per_pixel = landing.sum(dim=0)
     crow = per_pixel.new_zeros(num_pixels + 1)
@@ -291,67 +307,51 @@ def _transposed_table(table: _SampleTable) -> Tensor:
 
 def _unpool(grad_output: Tensor, table: _SampleTable, needs_grad: Sequence[bool],
             dtype: torch.dtype) -> list[Optional[Tensor]]:
-    """Backward: ``M^T @ grad`` split back into one [N, C, H, W] gradient per level."""
-    num_rois, channels, out_h, out_w = grad_output.shape
+    """Backward: ``M^T @ grad`` into one [N, C, H, W] gradient per level (channels-last strides)."""
+    _, channels, out_h, out_w = grad_output.shape
     bins_per_roi = out_h * out_w
-    num_pixels = sum(s[0] * (s[2] + 1) * (s[3] + 1) for s in table.level_shapes)
     # MKL's CSR matmul has no bf16/fp16 kernel; accumulate those in float32.
-    pixels = grad_output.new_zeros(num_pixels, channels, dtype=table.weight.dtype)
-    # A chunk of RoIs at a time, like the forward: the channels-last copy of the gradient and the sparse matrix
-    # exist for one chunk only, not for all bins (that copy alone is as large as the pooled output).
-    step = max(1, _UNPOOL_CHUNK_BYTES // (bins_per_roi * channels * pixels.element_size()))
-    for start in range(0, num_rois, step):
-        rows = slice(start * bins_per_roi, min(start + step, num_rois) * bins_per_roi)
-        chunk = table._replace(index=table.index[rows], anchor=table.anchor[rows], weight=table.weight[rows])
-        grad_rows = grad_output[start:start + step].permute(0, 2, 3, 1).reshape(-1, channels)
-        pixels.addmm_(_transposed_table(chunk), grad_rows.to(pixels.dtype))
-    grads: list[Optional[Tensor]] = []
-    start = 0
-    for shape, wanted in zip(table.level_shapes, needs_grad):
-        n, _, h, w = shape
-        size = n * (h + 1) * (w + 1)
-        if wanted:
-            # A view into the accumulator (channels-last strides, rows padded by one pixel), not a copy: copying
-            # every level out would hold a second pixel-sized buffer at the step's memory peak.
-            grad = pixels[start:start + size].view(n, h + 1, w + 1, channels)[:, :h, :w].permute(0, 3, 1, 2)
-            grads.append(grad.to(dtype))
-        else:
-            grads.append(None)
-        start += size
-    return grads
+    accumulators = [
+        grad_output.new_zeros(n * h * w + w + 1, channels, dtype=table.weight.dtype) if wanted else None
+        for (n, _, h, w), wanted in zip(table.level_shapes, needs_grad)
+    ]
+    chunk_rois = max(1, _UNPOOL_CHUNK_BYTES // (bins_per_roi * channels * table.weight.element_size()))
+    for level, rois, rows in _level_chunks(table, bins_per_roi, chunk_rois):
+        pixels = accumulators[level]
+        if pixels is None:
+            continue
+        chunk = table._replace(anchor=table.anchor[rows], weight=table.weight[rows])
+        # The chunk's gradient rows, channels-last: whole RoIs gathered, then transposed (a strided gather is slower).
+        grad_rows = grad_output.index_select(0, table.order[rois]).permute(0, 2, 3, 1).reshape(-1, channels)
+        pixels.addmm_(_transposed_table(chunk, pixels.shape[0], table.level_shapes[level][3]),
+                      grad_rows.to(pixels.dtype))
+    # Views of the accumulators without their padding (channels-last strides), not copies.
+    return [
+        None if pixels is None else pixels[:n * h * w].view(n, h, w, channels).permute(0, 3, 1, 2).to(dtype)
+        for (n, _, h, w), pixels in zip(table.level_shapes, accumulators)
+    ]
 
 
 class _SparseRoIAlign(torch.autograd.Function):
-    """RoIAlign over one or more levels as a sparse matrix product (see module docstring).
-
-    The backward builds the sampling table again instead of keeping the forward's: the table is about 7 MB for
-    1024 RoIs of 7 x 7 bins and would stay alive through the whole backward, across the step's memory peak, while
-    building it costs about 13 ms (R50-FPN training shapes on a 2-core CPU, 0.4% of the step).
-    """
+    """RoIAlign over one or more levels as a sparse matrix product (see module docstring)."""
 
     @staticmethod
-    def forward(ctx, table: _SampleTable, build_table: Callable[[], Optional[_SampleTable]],
-                output_size: tuple[int, int], *features: Tensor) -> Tensor:
-        ctx.build_table = build_table
+    def forward(ctx, table: _SampleTable, output_size: tuple[int, int], *features: Tensor) -> Tensor:
+        # The backward needs the anchors and weights only: the corner indices (a third of the table) are dropped.
+        ctx.table = table._replace(index=None)
         ctx.dtype = features[0].dtype
         return _pool(features, table, output_size)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: Tensor):
-        grads = _unpool(grad_output, ctx.build_table(), ctx.needs_input_grad[3:], ctx.dtype)
-        return (None, None, None, *grads)
+        grads = _unpool(grad_output, ctx.table, ctx.needs_input_grad[2:], ctx.dtype)
+        return (None, None, *grads)
 
 
-def _roi_align_from_table(features: Sequence[Tensor], build_table: Callable[[], Optional[_SampleTable]],
-                          output_size: tuple[int, int]) -> Optional[Tensor]:
-    """Sparse RoIAlign of ``features``; None when the sampling table would be too large (the caller then uses
-    torchvision's)."""
-    table = build_table()
-    if table is None:
-        return None
+def _sparse_roi_align(features: Sequence[Tensor], table: _SampleTable, output_size: tuple[int, int]) -> Tensor:
     if torch.is_grad_enabled() and any(f.requires_grad for f in features):
-        return _SparseRoIAlign.apply(table, build_table, output_size, *features)
+        return _SparseRoIAlign.apply(table, output_size, *features)
     return _pool(features, table, output_size)
 
 
@@ -421,16 +421,15 @@ def roi_align(
         raise ValueError(f"input must be [N, C, H, W], got shape {tuple(input.shape)}")
     rois = _as_rois(boxes)
     output_size = _pair(output_size)
-    out = None
+    table = None
     if _supported([input]):
-        build_table = functools.partial(
-            _sample_table, rois.detach(), None, [spatial_scale], [input.shape], output_size, sampling_ratio,
-            aligned, _compute_dtype(input.dtype),
+        table = _sample_table(
+            rois.detach(), None, [spatial_scale], [input.shape], output_size, sampling_ratio, aligned,
+            _compute_dtype(input.dtype),
         )
-        out = _roi_align_from_table([input], build_table, output_size)
-    if out is None:
+    if table is None:
         return torchvision.ops.roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
-    return out
+    return _sparse_roi_align([input], table, output_size)
 
 
 class MultiScaleRoIAlign(torchvision.ops.MultiScaleRoIAlign):
@@ -492,15 +491,13 @@ class MultiScaleRoIAlign(torchvision.ops.MultiScaleRoIAlign):
             self.scales, self.map_levels = _setup_scales(
                 features, image_shapes, self.canonical_scale, self.canonical_level
             )
-        out = None
+        table = None
         if _supported(features):
             levels = self.map_levels(boxes) if len(features) > 1 else None
-            build_table = functools.partial(
-                _sample_table, _convert_to_roi_format(boxes).detach(), levels, self.scales,
-                [f.shape for f in features], self.output_size, self.sampling_ratio, False,
-                _compute_dtype(features[0].dtype),
+            table = _sample_table(
+                _convert_to_roi_format(boxes).detach(), levels, self.scales, [f.shape for f in features],
+                self.output_size, self.sampling_ratio, False, _compute_dtype(features[0].dtype),
             )
-            out = _roi_align_from_table(features, build_table, self.output_size)
-        if out is None:
+        if table is None:
             return super().forward(x, boxes, image_shapes)
-        return out
+        return _sparse_roi_align(features, table, self.output_size)
