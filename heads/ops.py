@@ -233,9 +233,10 @@ def _channels_last_rows(feature: Tensor) -> Tensor:
     return feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1])
 
 
-def _pool(features: Sequence[Tensor], table: _SampleTable, output_size: tuple[int, int]) -> Tensor:
-    """Forward: [E, C] weighted gathers from each level's map, written into a [K, C, PH, PW] output a chunk of RoIs
-    at a time.
+def _pool(features: Sequence[Tensor], table: _SampleTable, output_size: tuple[int, int],
+          channels_last: bool) -> Tensor:
+    """Forward: [E, C] weighted gathers from each level's map, written into a [K, C, PH, PW] output (contiguous, or
+    channels-last strides) a chunk of RoIs at a time.
 
     Chunks keep the channels-last rows of only ``_POOL_CHUNK_BYTES`` alive next to the output, instead of a second
     output-sized buffer (1000 RoIs x 256 x 7 x 7 is 50 MB): the peak memory of Faster R-CNN inference.
@@ -244,14 +245,20 @@ def _pool(features: Sequence[Tensor], table: _SampleTable, output_size: tuple[in
     pixels = [_channels_last_rows(f) if n else None for f, n in zip(features, table.level_rois)]
     weights = table.weight.flatten(1).to(features[0].dtype)
     bins_per_roi = output_size[0] * output_size[1]
-    out = features[0].new_empty(len(table.order), channels, *output_size)
+    num_rois = len(table.order)
+    if channels_last:
+        out = features[0].new_empty(num_rois, *output_size, channels)
+    else:
+        out = features[0].new_empty(num_rois, channels, *output_size)
     chunk_rois = max(1, _POOL_CHUNK_BYTES // (bins_per_roi * channels * features[0].element_size()))
     for level, rois, rows in _level_chunks(table, bins_per_roi, chunk_rois):
         bins = F.embedding_bag(table.index[rows], pixels[level], per_sample_weights=weights[rows], mode="sum")
-        # Transposed first, then scattered as whole RoIs: index_copy_ from the permuted view is 4x slower.
-        bins = bins.view(-1, *output_size, channels).permute(0, 3, 1, 2).contiguous()
+        bins = bins.view(-1, *output_size, channels)
+        if not channels_last:
+            # Transposed first, then scattered as whole RoIs: index_copy_ from the permuted view is 4x slower.
+            bins = bins.permute(0, 3, 1, 2).contiguous()
         out.index_copy_(0, table.order[rois], bins)
-    return out
+    return out.permute(0, 3, 1, 2) if channels_last else out
 
 
 def _transposed_table(table: _SampleTable, num_pixels: int, row: int) -> Tensor:
@@ -305,6 +312,15 @@ def _transposed_table(table: _SampleTable, num_pixels: int, row: int) -> Tensor:
         )
 
 
+def _gradient_rows(grad_output: Tensor, rois: Tensor) -> Tensor:
+    """The output gradient of ``rois`` as channels-last rows [len(rois) * PH * PW, C]: whole RoIs gathered, then
+    transposed (a strided gather is slower), or gathered alone when the gradient is channels-last already."""
+    channels_last = grad_output.permute(0, 2, 3, 1)
+    if channels_last.is_contiguous():
+        return channels_last.index_select(0, rois).view(-1, grad_output.shape[1])
+    return grad_output.index_select(0, rois).permute(0, 2, 3, 1).reshape(-1, grad_output.shape[1])
+
+
 def _unpool(grad_output: Tensor, table: _SampleTable, needs_grad: Sequence[bool],
             dtype: torch.dtype) -> list[Optional[Tensor]]:
     """Backward: ``M^T @ grad`` into one [N, C, H, W] gradient per level (channels-last strides)."""
@@ -321,8 +337,7 @@ def _unpool(grad_output: Tensor, table: _SampleTable, needs_grad: Sequence[bool]
         if pixels is None:
             continue
         chunk = table._replace(anchor=table.anchor[rows], weight=table.weight[rows])
-        # The chunk's gradient rows, channels-last: whole RoIs gathered, then transposed (a strided gather is slower).
-        grad_rows = grad_output.index_select(0, table.order[rois]).permute(0, 2, 3, 1).reshape(-1, channels)
+        grad_rows = _gradient_rows(grad_output, table.order[rois])
         pixels.addmm_(_transposed_table(chunk, pixels.shape[0], table.level_shapes[level][3]),
                       grad_rows.to(pixels.dtype))
     # Views of the accumulators without their padding (channels-last strides), not copies.
@@ -336,23 +351,25 @@ class _SparseRoIAlign(torch.autograd.Function):
     """RoIAlign over one or more levels as a sparse matrix product (see module docstring)."""
 
     @staticmethod
-    def forward(ctx, table: _SampleTable, output_size: tuple[int, int], *features: Tensor) -> Tensor:
+    def forward(ctx, table: _SampleTable, output_size: tuple[int, int], channels_last: bool,
+                *features: Tensor) -> Tensor:
         # The backward needs the anchors and weights only: the corner indices (a third of the table) are dropped.
         ctx.table = table._replace(index=None)
         ctx.dtype = features[0].dtype
-        return _pool(features, table, output_size)
+        return _pool(features, table, output_size, channels_last)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: Tensor):
-        grads = _unpool(grad_output, ctx.table, ctx.needs_input_grad[2:], ctx.dtype)
-        return (None, None, *grads)
+        grads = _unpool(grad_output, ctx.table, ctx.needs_input_grad[3:], ctx.dtype)
+        return (None, None, None, *grads)
 
 
-def _sparse_roi_align(features: Sequence[Tensor], table: _SampleTable, output_size: tuple[int, int]) -> Tensor:
+def _sparse_roi_align(features: Sequence[Tensor], table: _SampleTable, output_size: tuple[int, int],
+                      channels_last: bool = False) -> Tensor:
     if torch.is_grad_enabled() and any(f.requires_grad for f in features):
-        return _SparseRoIAlign.apply(table, output_size, *features)
-    return _pool(features, table, output_size)
+        return _SparseRoIAlign.apply(table, output_size, channels_last, *features)
+    return _pool(features, table, output_size, channels_last)
 
 
 def _supported(features: Sequence[Tensor]) -> bool:
@@ -458,11 +475,15 @@ class MultiScaleRoIAlign(torchvision.ops.MultiScaleRoIAlign):
         canonical_scale: int = 224,
         canonical_level: int = 4,
         strides: Optional[Sequence[int]] = None,
+        channels_last: bool = False,
     ) -> None:
         """Args as torchvision's, plus ``strides``: each level's declared stride, which fixes the scales up front
-        instead of inferring them from the first batch's padded size."""
+        instead of inferring them from the first batch's padded size; and ``channels_last``: on the CPU path,
+        write the pooled features with channels-last strides (same values), which skips a transpose and suits a
+        convolutional head (Mask R-CNN's), while a head that flattens them (the box head) wants the default."""
         super().__init__(featmap_names, output_size, sampling_ratio, canonical_scale=canonical_scale,
                          canonical_level=canonical_level)
+        self.channels_last = channels_last
         if strides is not None:
             if len(strides) != len(featmap_names):
                 raise ValueError(f"strides {list(strides)} must give one stride per level of {featmap_names}")
@@ -500,4 +521,4 @@ class MultiScaleRoIAlign(torchvision.ops.MultiScaleRoIAlign):
             )
         if table is None:
             return super().forward(x, boxes, image_shapes)
-        return _sparse_roi_align(features, table, self.output_size)
+        return _sparse_roi_align(features, table, self.output_size, self.channels_last)

@@ -188,3 +188,26 @@ def test_multiscale_matches_torchvision(names, fallback, chunked, monkeypatch):
     for name in names:
         assert ref_feats[name].grad.abs().sum() > 0, f"no box reached {name}"
         torch.testing.assert_close(ours_feats[name].grad, ref_feats[name].grad, rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_output_same_values_and_gradients():
+    """``channels_last=True`` (the mask pool) writes the same values with channels-last strides, and gives the
+    same gradients, also when the gradient arriving from the head is channels-last."""
+    g = torch.Generator().manual_seed(3)
+    pyramid = {f"p{level}": torch.randn(2, 8, 128 >> level, 128 >> level, generator=g) for level in (2, 3, 4, 5)}
+    xy = torch.rand(30, 2, generator=g) * 90
+    boxes = [torch.cat([xy, xy + torch.rand(30, 2, generator=g) * 60 + 2], dim=1)[i::2] for i in range(2)]
+    names = list(pyramid)
+    outs, grads = [], []
+    for channels_last in (False, True):
+        feats = {k: v.clone().requires_grad_() for k, v in pyramid.items()}
+        out = MultiScaleRoIAlign(names, 14, 2, canonical_scale=64, channels_last=channels_last)(
+            feats, boxes, [(128, 128)] * 2)
+        assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+        grad = _random_grad(out)
+        out.backward(grad.contiguous(memory_format=torch.channels_last) if channels_last else grad)
+        outs.append(out)
+        grads.append([feats[k].grad for k in names])
+    assert torch.equal(outs[0], outs[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
