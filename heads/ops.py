@@ -242,7 +242,9 @@ def _pool(features: Sequence[Tensor], table: _SampleTable, output_size: tuple[in
     output-sized buffer (1000 RoIs x 256 x 7 x 7 is 50 MB): the peak memory of Faster R-CNN inference.
     """
     channels = features[0].shape[1]
-    pixels = [_channels_last_rows(f) if n else None for f, n in zip(features, table.level_rois)]
+    # Detached: the autograd function differentiates this itself, and embedding_bag would otherwise keep bag
+    # bookkeeping for a backward of its own.
+    pixels = [_channels_last_rows(f.detach()) if n else None for f, n in zip(features, table.level_rois)]
     weights = table.weight.flatten(1).to(features[0].dtype)
     bins_per_roi = output_size[0] * output_size[1]
     num_rois = len(table.order)
