@@ -452,12 +452,12 @@ def roi_align(
 class MultiScaleRoIAlign(torchvision.ops.MultiScaleRoIAlign):
     """``torchvision.ops.MultiScaleRoIAlign`` with the sparse CPU RoIAlign of this module.
 
-    Constructor, level mapping and scale inference are torchvision's. On CPU all levels
-    are pooled in one sparse product instead of one ``roi_align`` per level: that saves
-    torchvision's zero-filled result and the scatter of each level's output into it
-    (and the matching gather in backward), and one sort and matmul replace four
-    (timings in the module docstring).
-    Elsewhere (CUDA, quantized, oversized adaptive tables) it is torchvision's module.
+    Constructor, level mapping and scale inference are torchvision's. On CPU one sampling
+    table covers every RoI; each level is then pooled straight from its own map (a view of
+    a channels-last map), written into the output without torchvision's zero-filled
+    result, and the backward accumulates into one gradient per level (timings in the
+    module docstring). Elsewhere (CUDA, quantized, oversized adaptive tables) it is
+    torchvision's module.
 
     Example:
         >>> pool = MultiScaleRoIAlign(["p2", "p3"], output_size=7, sampling_ratio=2)
