@@ -127,13 +127,13 @@ def test_scale_lr():
 def test_rescale_schedule():
     # 30/90 = 1/3 of the run -> 10 of 30; 80/90 * 30 = 26.67 -> 27; warmup 5/90 * 30 = 1.67 -> 2.
     assert rescale_schedule(90, (30, 60, 80), 5, 30) == ((10, 20, 27), 2)
-    assert rescale_schedule(1000, (500,), 100, 2000) == ((1000,), 200)
+    assert rescale_schedule(1000, (500,), 100, 2000) == ((1000,), 100)  # warmup does not grow with the run
     assert rescale_schedule(90, (30, 60), 0, 1) == ((1, 1), 0)  # never a decay before the first update
     with pytest.raises(ValueError):
         rescale_schedule(0, (1,), 0, 10)
 
 
-@pytest.mark.parametrize("name", ["resnet50_v1.yaml", "resnet50_modern.yaml", "shapes.yaml"])
+@pytest.mark.parametrize("name", ["resnet50_v1.yaml", "resnet50_modern.yaml", "shapes.yaml", "small_set.yaml"])
 def test_shipped_recipes_load(name):
     cfg = load_config(ClsTrainConfig, REPO / "configs" / "cls" / name)
     assert cfg.epochs > 0 and cfg.model.startswith("resnet")

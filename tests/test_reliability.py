@@ -7,6 +7,7 @@ SIGKILL through the fault-injection hook (tools.engine.faults), so the kill land
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -209,11 +210,14 @@ def test_amp_overflow_is_skipped_by_the_scaler_not_reported_as_divergence(imagef
     final = load_checkpoint(tmp_path / "overflow" / "model_final.pth")  # training went on to the end
     # The inf-gradient step was skipped, not applied: an applied one would have left inf/NaN weights.
     assert all(torch.isfinite(v).all() for v in final["model"].values() if v.is_floating_point())
-    scaler = load_checkpoint(tmp_path / "overflow" / "model_0000003.pth")["scaler"]
-    assert scaler["scale"] < 2.0**16  # the scaler saw the overflow(s) and lowered its scale from 2^16
+    last = load_checkpoint(tmp_path / "overflow" / "model_0000003.pth")
+    assert last["scaler"]["scale"] < 2.0**16  # the scaler saw the overflow(s) and lowered its scale from 2^16
+    assert last["divergence_guard"]["recoveries"] == 0  # and no roll-back happened
 
-    with pytest.raises(FloatingPointError, match=r"iteration 1: loss=nan"):  # a non-finite loss still stops
-        cls_train.train(_amp_config(imagefolder, tmp_path / "nan"), criterion=_FaultAt(2, "nan_loss"))
+    # A non-finite loss is still a divergence (rolled back, then stopped; max_recoveries 0 stops at once).
+    nan_config = dataclasses.replace(_amp_config(imagefolder, tmp_path / "nan"), max_recoveries=0)
+    with pytest.raises(FloatingPointError, match=r"iteration 1: loss=nan"):
+        cls_train.train(nan_config, criterion=_FaultAt(2, "nan_loss"))
 
 
 # ----------------------------------------------------------------------------- unsafe checkpoints

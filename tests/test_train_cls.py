@@ -188,11 +188,12 @@ class _NanAfter(nn.Module):
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_shapes, tmp_path):
     cfg = ClsTrainConfig(model="resnet18", data=str(tiny_shapes), image_size=32, epochs=3, batch_size=4, lr=0.01,
                          device="cpu", workers=0, output_dir=str(tmp_path))
-    with pytest.raises(FloatingPointError, match=r"iteration 3\b.*loss=nan"):
-        train(cfg, criterion=_NanAfter(4))  # 4th iteration = index 3, the first of epoch 2
+    # NaN from the 4th iteration on (index 3, the first of epoch 2): rolled back 3 times, then stopped at index 6.
+    with pytest.raises(FloatingPointError, match=r"iteration 6\b.*loss=nan.*after 3 recoveries"):
+        train(cfg, criterion=_NanAfter(4))
     manager = CheckpointManager(tmp_path)
-    assert [p.name for p in manager.checkpoints()] == ["model_0000003.pth"]
-    assert load_checkpoint(manager.latest())["iteration"] == 3
+    assert [p.name for p in manager.checkpoints()] == ["model_0000003.pth", "model_0000006.pth"]
+    assert load_checkpoint(manager.latest())["divergence_guard"]["recoveries"] == 3
     assert not (tmp_path / "model_final.pth").exists()
 
 

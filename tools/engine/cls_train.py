@@ -39,6 +39,7 @@ from torch.utils.data.dataloader import default_collate
 from torchvision.datasets import ImageFolder
 
 import backbones
+from tools.engine.auto_recipe import cls_data_stats, cls_recipe
 from tools.engine.checkpoint import (
     CheckpointManager,
     export_weights,
@@ -47,7 +48,14 @@ from tools.engine.checkpoint import (
     load_metadata,
     set_rng_state,
 )
-from tools.engine.config import config_to_dict, load_config, rescale_schedule, save_config, scale_lr
+from tools.engine.config import (
+    config_to_dict,
+    ema_decay_for_run,
+    load_config,
+    rescale_schedule,
+    save_config,
+    scale_lr,
+)
 from tools.engine.distributed import (
     all_gather_object,
     barrier,
@@ -61,11 +69,11 @@ from tools.engine.distributed import (
 from tools.engine.faults import crash_point
 from tools.engine.logger import MetricLogger, progress
 from tools.engine.plots import plot_curves
+from tools.engine.recovery import DivergenceGuard
 from tools.engine.train_utils import (
     AmpSettings,
     autocast,
     backward_and_step,
-    check_finite,
     resolve_amp,
     seed_everything,
 )
@@ -129,6 +137,7 @@ class ClsTrainConfig:
     lr: float | None = None  # explicit lr: used as is, no scaling
     base_lr: float = 0.1
     base_batch_size: int = 256
+    lr_scaling: Literal["linear", "sqrt"] = "linear"  # how lr follows the total batch size
     optimizer: str = "momentum"  # timm name: "momentum" = SGD with momentum; "sgd" in timm is Nesterov
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -140,6 +149,10 @@ class ClsTrainConfig:
     warmup_lr: float = 1e-6
     min_lr: float = 0.0
     clip_grad_norm: float | None = None  # None = no clipping
+    # Divergence (tools.engine.recovery): a NaN/inf loss, or one above spike_factor x the recent median,
+    # rolls back to the last good state at half the lr, up to max_recoveries times; then the run stops.
+    max_recoveries: int = 3
+    spike_factor: float | None = 10.0
     ema: bool = False
     ema_decay: float = 0.9999
     # Runtime
@@ -168,13 +181,18 @@ def build_config(
     cfg = load_config(ClsTrainConfig, config_path, overrides)
     messages = []
     if cfg.epochs != recipe.epochs:
-        steps, warmup = rescale_schedule(recipe.epochs, recipe.decay_milestones, recipe.warmup_epochs, cfg.epochs)
+        steps, warmup = rescale_schedule(recipe.epochs, recipe.decay_milestones, recipe.warmup_epochs, cfg.epochs,
+                                         warmup_floor=1)
         if "decay_milestones" not in (overrides or {}) and cfg.sched == "multistep":
             cfg = dataclasses.replace(cfg, decay_milestones=steps)
             messages.append(f"epochs {recipe.epochs} -> {cfg.epochs}: lr decays moved to epochs {list(steps)}")
         if "warmup_epochs" not in (overrides or {}) and warmup != cfg.warmup_epochs:
             cfg = dataclasses.replace(cfg, warmup_epochs=warmup)
-            messages.append(f"epochs {recipe.epochs} -> {cfg.epochs}: warmup {recipe.warmup_epochs} -> {warmup} epochs")
+            messages.append(f"epochs {recipe.epochs} -> {cfg.epochs}: warmup {recipe.warmup_epochs} -> {warmup} epochs "
+                            "(at least 1 or a quarter of the run, at most the recipe's)")
+    messages.append(f"schedule: {cfg.epochs} epochs, {cfg.sched}, warmup {cfg.warmup_epochs} epochs"
+                    + (f", lr x{cfg.decay_rate:g} at epochs {list(cfg.decay_milestones)}"
+                       if cfg.sched == "multistep" else ""))
     return cfg, messages
 
 
@@ -517,7 +535,8 @@ def _train(cfg: ClsTrainConfig, info: Any, resume: bool, criterion: nn.Module | 
         )
     val_loader = _eval_loader(val_set, cfg.batch_size, cfg.workers, info.rank, info.world_size)
 
-    lr, lr_message = scale_lr(cfg.base_lr, cfg.base_batch_size, cfg.batch_size * info.world_size, cfg.lr)
+    lr, lr_message = scale_lr(cfg.base_lr, cfg.base_batch_size, cfg.batch_size * info.world_size, cfg.lr,
+                              cfg.lr_scaling)
     if lr_message and main:
         logger.info(lr_message)
     optimizer = create_optimizer_v2(
@@ -543,7 +562,14 @@ def _train(cfg: ClsTrainConfig, info: Any, resume: bool, criterion: nn.Module | 
     )
     amp = resolve_amp(device, cfg.amp, cfg.amp_dtype)
     scaler = torch.amp.GradScaler(device.type) if amp.use_scaler else None
-    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
+    ema = None
+    if cfg.ema:
+        decay = ema_decay_for_run(cfg.ema_decay, cfg.epochs * iters_per_epoch)
+        if decay != cfg.ema_decay and main:
+            logger.info("EMA decay %g -> %g: its time constant (1 / (1 - decay) updates) kept within a tenth of "
+                        "the run's %d updates", cfg.ema_decay, decay, cfg.epochs * iters_per_epoch)
+        ema = ModelEmaV3(model, decay=decay)
+    guard = DivergenceGuard(cfg.max_recoveries, cfg.spike_factor)
     mixup_fn = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
         mixup_fn = Mixup(
@@ -574,6 +600,7 @@ def _train(cfg: ClsTrainConfig, info: Any, resume: bool, criterion: nn.Module | 
                 ema.module.load_state_dict(state["ema"])
             start_epoch, start_iter, global_iter = state["epoch"], state["iter_in_epoch"], state["iteration"]
             loss_sum, loss_count, skipped_train = state["loss_sum"], state["loss_count"], state["skipped_train"]
+            guard.load_state_dict(state.get("divergence_guard"))
             rng = state["rng"]
             set_rng_state(rng[info.rank] if len(rng) == info.world_size else rng[0])
             if main:
@@ -581,13 +608,19 @@ def _train(cfg: ClsTrainConfig, info: Any, resume: bool, criterion: nn.Module | 
     if main:
         save_config(cfg, out / "config.yaml")
 
-    def checkpoint_state(epoch: int, iter_in_epoch: int) -> dict[str, Any]:
+    def trainable_state() -> dict[str, Any]:  # what a divergence rolls back
         return {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "ema": _ema_weights(ema) if ema is not None else None,
+        }
+
+    def checkpoint_state(epoch: int, iter_in_epoch: int) -> dict[str, Any]:
+        return {
+            **trainable_state(),
+            "scheduler": scheduler.state_dict(),
+            "divergence_guard": guard.state_dict(),
             "epoch": epoch,
             "iter_in_epoch": iter_in_epoch,
             "iteration": global_iter,
@@ -605,12 +638,23 @@ def _train(cfg: ClsTrainConfig, info: Any, resume: bool, criterion: nn.Module | 
         state = checkpoint_state(epoch, iter_in_epoch)  # collective: all ranks take part
         if main:
             manager.save(state, global_iter)
+        if guard.healthy():
+            guard.take_snapshot(global_iter, trainable_state())
         barrier()
+
+    def restore(good: dict[str, Any]) -> None:
+        model.load_state_dict(good["model"])
+        optimizer.load_state_dict(good["optimizer"])
+        if scaler is not None and good["scaler"]:
+            scaler.load_state_dict(good["scaler"])
+        if ema is not None:
+            ema.module.load_state_dict(good["ema"])
 
     total_iters = cfg.epochs * iters_per_epoch
     bar = progress(total_iters, initial=global_iter, enabled=main, desc="train")
     results: dict[str, float] | None = None
     net.train()
+    guard.take_snapshot(global_iter, trainable_state())
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
         sampler.start_index = start_iter * cfg.batch_size if epoch == start_epoch else 0
@@ -634,18 +678,24 @@ def _train(cfg: ClsTrainConfig, info: Any, resume: bool, criterion: nn.Module | 
                 with autocast(device, amp):
                     logits = net(images)
                 loss = criterion(logits.float(), targets)
-                # Mean over ranks: every rank sees the same value, so all stop together on divergence.
+                # Mean over ranks: every rank sees the same value, so all ranks recover or stop together.
                 reduced = reduce_dict({"loss": loss.detach()})
-                check_finite(reduced, global_iter)
-                crash_point("train_step")  # test hook (tools.engine.faults); no-op unless RESDET_CRASH_AT is set
-                backward_and_step(loss, model, optimizer, scaler, cfg.clip_grad_norm)
-                loss_sum += float(reduced["loss"])
-                loss_count += 1
+                problem = guard.check(reduced, global_iter)
+                if problem is None:
+                    crash_point("train_step")  # test hook (tools.engine.faults); no-op unless RESDET_CRASH_AT is set
+                    backward_and_step(loss, model, optimizer, scaler, cfg.clip_grad_norm)
+                    loss_sum += float(reduced["loss"])
+                    loss_count += 1
+                else:  # roll back to the last good state at a lower lr; this batch is skipped
+                    restore(guard.recover(problem, global_iter))
             global_iter += 1
             iter_in_epoch += 1
             scheduler.step_update(num_updates=global_iter)
+            guard.scale_lr(optimizer)
             if ema is not None:
                 ema.update(model, step=global_iter)
+            if guard.due(global_iter):
+                guard.take_snapshot(global_iter, trainable_state())
             bar.update()
             bar.set_postfix(
                 epoch=epoch + 1,
@@ -720,7 +770,17 @@ def _train(cfg: ClsTrainConfig, info: Any, resume: bool, criterion: nn.Module | 
 
 
 def run_from_args(config: str | Path | None, overrides: dict[str, Any], resume: bool = False) -> dict[str, float]:
-    """Build the config (logging schedule changes) and train; the body of ``tools/train_cls.py``."""
+    """Build the config (logging schedule changes) and train; the body of ``tools/train_cls.py``.
+
+    ``config=None`` with ``data`` in ``overrides`` chooses the recipe and image size from the
+    training set (:func:`tools.engine.auto_recipe.cls_recipe`); given flags win.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if config is None and given.get("data") is not None:
+        config, values, reasons = cls_recipe(cls_data_stats(Path(given["data"]) / "train"))
+        for reason in reasons:
+            logger.info("recipe from the data (--config to choose one): %s", reason)
+        overrides = {**values, **given}
     cfg, messages = build_config(config, overrides)
     for m in messages:
         logger.info(m)

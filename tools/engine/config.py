@@ -29,7 +29,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-__all__ = ["load_config", "config_to_dict", "save_config", "scale_lr", "rescale_schedule"]
+__all__ = ["load_config", "config_to_dict", "save_config", "scale_lr", "rescale_schedule", "ema_decay_for_run"]
 
 T = TypeVar("T")
 _BASE_KEY = "_base_"
@@ -202,13 +202,15 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 
 def scale_lr(
-    base_lr: float, base_batch: int, batch: int, explicit_lr: float | None = None
+    base_lr: float, base_batch: int, batch: int, explicit_lr: float | None = None,
+    rule: Literal["linear", "sqrt"] = "linear",
 ) -> tuple[float, str | None]:
-    """Learning rate for ``batch`` by the linear scaling rule (Goyal et al., 2017).
+    """Learning rate for ``batch``: the linear scaling rule (Goyal et al., 2017), or ``"sqrt"`` scaling.
 
     Returns ``(lr, message)``. ``explicit_lr``, when given, is used as is (message ``None``).
-    Otherwise ``lr = base_lr * batch / base_batch`` and, when that differs from ``base_lr``,
-    the message says so, for the training log.
+    Otherwise ``lr = base_lr * batch / base_batch`` (``"linear"``, for SGD) or
+    ``base_lr * sqrt(batch / base_batch)`` (``"sqrt"``, timm's choice for Adam-family optimizers)
+    and, when that differs from ``base_lr``, the message says so, for the training log.
 
     Example::
 
@@ -216,32 +218,48 @@ def scale_lr(
         (0.025, 'linear scaling rule: lr = 0.1 x 64 / 256 = 0.025')
     """
     if explicit_lr is not None:
-        if explicit_lr <= 0:
-            raise ValueError(f"lr must be > 0, got {explicit_lr}")
+        if not explicit_lr > 0 or explicit_lr == float("inf"):
+            raise ValueError(f"lr must be a finite number > 0, got {explicit_lr}")
         return float(explicit_lr), None
     if base_lr <= 0 or base_batch <= 0 or batch <= 0:
         raise ValueError(
             f"base_lr, base_batch and batch must be > 0, got base_lr={base_lr}, base_batch={base_batch}, batch={batch}"
         )
+    if rule not in ("linear", "sqrt"):
+        raise ValueError(f"lr scaling rule must be 'linear' or 'sqrt', got {rule!r}")
     if batch == base_batch:
         return float(base_lr), None
+    if rule == "sqrt":
+        lr = base_lr * (batch / base_batch) ** 0.5
+        return lr, f"square-root scaling rule: lr = {base_lr:g} x sqrt({batch} / {base_batch}) = {lr:g}"
     lr = base_lr * batch / base_batch
     return lr, f"linear scaling rule: lr = {base_lr:g} x {batch} / {base_batch} = {lr:g}"
 
 
 def rescale_schedule(
-    base_iters: int, steps: typing.Sequence[int], warmup: int, new_iters: int
+    base_iters: int, steps: typing.Sequence[int], warmup: int, new_iters: int, warmup_floor: int = 1
 ) -> tuple[tuple[int, ...], int]:
-    """Move decay ``steps`` and ``warmup`` length from a ``base_iters`` run to a ``new_iters`` run.
+    """Move decay ``steps`` and the ``warmup`` length from a ``base_iters`` run to a ``new_iters`` run.
 
-    Each keeps its fraction of the run (rounded; a positive step stays >= 1), so a recipe written
-    for 90 epochs with decays at 30/60/80 decays at 10/20/27 when run for 30. Works for epochs or
-    iterations.
+    Each decay step keeps its fraction of the run (rounded; a positive step stays >= 1), so a
+    recipe written for 90 epochs with decays at 30/60/80 decays at 10/20/27 when run for 30.
+
+    Warmup does not shrink in proportion: it exists so that the first updates of a fresh model do
+    not blow up, and that takes a number of updates, not a fraction of the run (a 1000-iteration
+    warmup scaled to a 300-iteration run would be 3 iterations, and diverges). The rule:
+
+        warmup' = min(warmup, max(warmup x ratio, warmup_floor), new_iters // 4)
+
+    so it never exceeds the recipe's (a longer run keeps the recipe's warmup), is at least
+    ``warmup_floor`` (100 iterations for detection, 1 epoch for classification), and at most a
+    quarter of the run. A recipe without warmup stays without. Works for epochs or iterations.
 
     Example::
 
-        >>> rescale_schedule(90, (30, 60, 80), 5, 30)
+        >>> rescale_schedule(90, (30, 60, 80), 5, 30, warmup_floor=1)
         ((10, 20, 27), 2)
+        >>> rescale_schedule(90000, (60000, 80000), 1000, 300, warmup_floor=100)
+        ((200, 267), 75)
     """
     if base_iters <= 0 or new_iters <= 0:
         raise ValueError(f"base_iters and new_iters must be > 0, got {base_iters} and {new_iters}")
@@ -250,4 +268,26 @@ def rescale_schedule(
     ratio = new_iters / base_iters
     # A step that rounds to 0 would decay before the first update; keep it at 1 at least.
     new_steps = tuple(max(1, int(round(s * ratio))) if s > 0 else 0 for s in steps)
-    return new_steps, int(round(warmup * ratio))
+    if warmup == 0:
+        return new_steps, 0
+    scaled = int(round(warmup * ratio))
+    return new_steps, max(1, min(warmup, max(scaled, warmup_floor), new_iters // 4))
+
+
+def ema_decay_for_run(decay: float, total_updates: int) -> float:
+    """``decay``, lowered where needed so that the EMA's time constant ``1 / (1 - decay)`` is at most a tenth
+    of the run's ``total_updates``.
+
+    A decay written for a 600-epoch ImageNet run (0.99998: a time constant of 50,000 updates) would
+    leave the EMA of a 500-update run at its initial weights.
+
+    Example::
+
+        >>> ema_decay_for_run(0.99998, 750_000), ema_decay_for_run(0.99998, 500)
+        (0.99998, 0.98)
+    """
+    if not 0 < decay < 1:
+        raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+    if total_updates < 1:
+        raise ValueError(f"total_updates must be >= 1, got {total_updates}")
+    return min(decay, 1 - 10 / max(total_updates, 20))

@@ -26,6 +26,7 @@ import bisect
 import dataclasses
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
 
 import backbones
 import heads
+from tools.engine.auto_recipe import det_data_stats, det_recipe
 from tools.engine.checkpoint import (
     CheckpointManager,
     export_weights,
@@ -68,11 +70,11 @@ from tools.engine.distributed import (
 from tools.engine.faults import crash_point
 from tools.engine.logger import MetricLogger, progress
 from tools.engine.plots import plot_curves
+from tools.engine.recovery import DivergenceGuard
 from tools.engine.train_utils import (
     AmpSettings,
     autocast,
     backward_and_step,
-    check_finite,
     resolve_amp,
     seed_everything,
 )
@@ -96,6 +98,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# Shortest warmup (iterations) when --iters shortens a recipe: see tools.engine.config.rescale_schedule.
+DET_WARMUP_FLOOR = 100
 
 
 @dataclass
@@ -147,6 +152,10 @@ class DetTrainConfig:
     warmup_iters: int = 1000
     warmup_factor: float = 0.001  # lr ramps linearly from base x this to base
     clip_grad_norm: float | None = None
+    # Divergence (tools.engine.recovery): a NaN/inf loss, or one above spike_factor x the recent median,
+    # rolls back to the last good state at half the lr, up to max_recoveries times; then the run stops.
+    max_recoveries: int = 3
+    spike_factor: float | None = 10.0
     # Runtime
     device: Literal["cpu", "cuda"] | None = None  # None = cuda when available
     amp: bool = False
@@ -178,14 +187,18 @@ def build_config(
     cfg = load_config(DetTrainConfig, config_path, overrides)
     messages = []
     if cfg.iters != recipe.iters:
-        steps, warmup = rescale_schedule(recipe.iters, recipe.steps, recipe.warmup_iters, cfg.iters)
+        steps, warmup = rescale_schedule(recipe.iters, recipe.steps, recipe.warmup_iters, cfg.iters,
+                                         warmup_floor=DET_WARMUP_FLOOR)
         if "steps" not in overrides:
             cfg = dataclasses.replace(cfg, steps=steps)
             messages.append(f"iters {recipe.iters} -> {cfg.iters}: lr decays moved to iterations {list(steps)}")
         if "warmup_iters" not in overrides and warmup != cfg.warmup_iters:
             cfg = dataclasses.replace(cfg, warmup_iters=warmup)
-            messages.append(f"iters {recipe.iters} -> {cfg.iters}: warmup {recipe.warmup_iters} -> {warmup} iterations")
+            messages.append(f"iters {recipe.iters} -> {cfg.iters}: warmup {recipe.warmup_iters} -> {warmup} iterations "
+                            f"(at least {DET_WARMUP_FLOOR} or a quarter of the run, at most the recipe's)")
     _check_config(cfg)
+    messages.append(f"schedule: {cfg.iters} iterations, linear warmup over {cfg.warmup_iters} from lr x{cfg.warmup_factor:g}"
+                    + (f", lr x{cfg.gamma:g} at iterations {list(cfg.steps)}" if cfg.steps else ""))
     return cfg, messages
 
 
@@ -447,6 +460,7 @@ def _train(cfg: DetTrainConfig, info: Any, resume: bool) -> dict[str, dict[str, 
         optimizer, WarmupMultiStep(cfg.steps, cfg.gamma, cfg.warmup_iters, cfg.warmup_factor))
     amp = resolve_amp(device, cfg.amp, cfg.amp_dtype)
     scaler = torch.amp.GradScaler(device.type) if amp.use_scaler else None
+    guard = DivergenceGuard(cfg.max_recoveries, cfg.spike_factor)
 
     train_loader = build_det_loader(train_set, cfg.batch_size, train=True, workers=cfg.workers,
                                     distributed=info.enabled, seed=cfg.seed)
@@ -462,6 +476,7 @@ def _train(cfg: DetTrainConfig, info: Any, resume: bool) -> dict[str, dict[str, 
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_iter = int(state["iteration"])
+        guard.load_state_dict(state.get("divergence_guard"))
         rng = state["rng"]
         set_rng_state(rng[info.rank] if len(rng) == info.world_size else rng[0])
         if main:
@@ -471,12 +486,18 @@ def _train(cfg: DetTrainConfig, info: Any, resume: bool) -> dict[str, dict[str, 
 
     metrics_log = MetricLogger(out, enabled=main)
 
-    def checkpoint_state(iteration: int) -> dict[str, Any]:
+    def trainable_state() -> dict[str, Any]:  # what a divergence rolls back
         return {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
+        }
+
+    def checkpoint_state(iteration: int) -> dict[str, Any]:
+        return {
+            **trainable_state(),
+            "scheduler": scheduler.state_dict(),
+            "divergence_guard": guard.state_dict(),
             "iteration": iteration,
             "rng": all_gather_object(get_rng_state()),  # every rank's, so each resumes its own stream
             "config": config_to_dict(cfg),
@@ -489,6 +510,8 @@ def _train(cfg: DetTrainConfig, info: Any, resume: bool) -> dict[str, dict[str, 
         state = checkpoint_state(iteration)  # collective: all ranks take part
         if main:
             manager.save(state, iteration)
+        if guard.healthy():
+            guard.take_snapshot(iteration, trainable_state())
         barrier()
         return state
 
@@ -503,8 +526,9 @@ def _train(cfg: DetTrainConfig, info: Any, resume: bool) -> dict[str, dict[str, 
     batches = InfiniteBatches(train_loader, start_iter)
     bar = progress(cfg.iters, initial=start_iter, enabled=main, desc="train")
     net.train()
+    guard.take_snapshot(start_iter, trainable_state())
     sums: dict[str, float] = {}
-    window_start, window_iters = time.perf_counter(), 0
+    window_start, window_iters, window_steps = time.perf_counter(), 0, 0
     for iteration in range(start_iter, cfg.iters):
         images, targets = next(batches)
         # (channels_last needs no input conversion: the model batches the images itself, and
@@ -514,25 +538,32 @@ def _train(cfg: DetTrainConfig, info: Any, resume: bool) -> dict[str, dict[str, 
             loss_dict = net(images, targets)
         loss_dict = {k: v.float() for k, v in loss_dict.items()}
         loss = sum(loss_dict.values())
-        # Mean over ranks: every rank sees the same values, so all stop together on divergence.
+        # Mean over ranks: every rank sees the same values, so all ranks recover or stop together.
         reduced = reduce_dict({**loss_dict, "loss": loss.detach()})
-        check_finite(reduced, iteration)
-        crash_point("train_step")  # test hook (tools.engine.faults); no-op unless RESDET_CRASH_AT is set
-        backward_and_step(loss, model, optimizer, scaler, cfg.clip_grad_norm)
         lr_now = optimizer.param_groups[0]["lr"]
+        problem = guard.check(reduced, iteration)
+        if problem is None:
+            crash_point("train_step")  # test hook (tools.engine.faults); no-op unless RESDET_CRASH_AT is set
+            backward_and_step(loss, model, optimizer, scaler, cfg.clip_grad_norm)
+            for k, v in reduced.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            window_steps += 1
+        else:  # roll back to the last good state at a lower lr; this batch is skipped
+            _restore_trainable(guard.recover(problem, iteration), model, optimizer, scaler)
         scheduler.step()
+        guard.scale_lr(optimizer)
         done = iteration + 1
 
-        for k, v in reduced.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
         window_iters += 1
         bar.update()
         bar.set_postfix(loss=f"{float(reduced['loss']):.3f}", lr=f"{lr_now:.2e}")
         if done % cfg.log_every == 0 or done == cfg.iters:
             elapsed = time.perf_counter() - window_start
             metrics_log.log(step=done, lr=lr_now, time_per_iter=elapsed / window_iters,
-                            **{k: v / window_iters for k, v in sums.items()})
-            sums, window_start, window_iters = {}, time.perf_counter(), 0
+                            **{k: v / max(window_steps, 1) for k, v in sums.items()})
+            sums, window_start, window_iters, window_steps = {}, time.perf_counter(), 0, 0
+        if guard.due(done):
+            guard.take_snapshot(done, trainable_state())
         if done < cfg.iters and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
             save(done)
         if done < cfg.iters and cfg.eval_every and done % cfg.eval_every == 0:
@@ -561,6 +592,14 @@ def _train(cfg: DetTrainConfig, info: Any, resume: bool) -> dict[str, dict[str, 
     return metrics if metrics is not None else {}
 
 
+def _restore_trainable(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                       scaler: torch.amp.GradScaler | None) -> None:
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+
+
 def load_start_weights(model: nn.Module, pretrained: str | Path | None = None, weights: str | Path | None = None,
                        verbose: bool = True) -> None:
     """Load the weights a run starts from: ``pretrained`` into the backbone body, then a full detector ``weights``.
@@ -585,7 +624,19 @@ def load_start_weights(model: nn.Module, pretrained: str | Path | None = None, w
 def run_from_args(config: str | Path | None, overrides: dict[str, Any], resume: bool = False,
                   eval_only: bool = False) -> dict[str, dict[str, float]]:
     """Build the config (logging schedule changes), then train or, with ``eval_only``, evaluate; the body of
-    ``tools/train_det.py``."""
+    ``tools/train_det.py``.
+
+    ``config=None`` with a dataset in ``overrides`` chooses the recipe's length, image sizes and RoI
+    budget from the training set (:func:`tools.engine.auto_recipe.det_recipe`); given flags win.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if config is None and given.get("train_ann") is not None and not eval_only:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        values, reasons = det_recipe(det_data_stats(given["train_ann"]),
+                                     given.get("batch_size", DetTrainConfig.batch_size), world_size)
+        for reason in reasons:
+            logger.info("recipe from the data (--config to choose one): %s", reason)
+        overrides = {**values, **given}
     cfg, messages = build_config(config, overrides)
     for m in messages:
         logger.info(m)
