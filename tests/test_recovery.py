@@ -16,6 +16,7 @@ from tools.engine import cls_train, det_train
 from tools.engine.auto_recipe import ClsDataStats, DetDataStats, cls_data_stats, cls_recipe, det_data_stats, det_recipe
 from tools.engine.checkpoint import CheckpointManager, load_checkpoint
 from tools.engine.config import ema_decay_for_run, load_config, rescale_schedule, scale_lr
+from tools.engine.plots import read_metrics
 from tools.engine.recovery import DivergenceGuard
 from tools.engine.shapes import make_shapes_coco
 
@@ -272,3 +273,25 @@ def test_cls_recipe_from_the_data(tint):
     assert (cfg.optimizer, cfg.sched, cfg.label_smoothing, cfg.warmup_epochs) == ("adamw", "cosine", 0.1, 1)
     path, values, _ = cls_recipe(ClsDataStats(num_images=1_281_167, num_classes=1000, median_short_side=375))
     assert path.name == "resnet50_v1.yaml" and values == {}
+
+
+# ----------------------------------------------------------------------------- margin of the embedded recipe
+
+
+@pytest.mark.slow
+def test_embedded_recipe_trains_at_one_and_a_half_times_its_lr_with_another_seed(tmp_path):
+    """The README main job's recipe (configs/shapes.yaml, on the embedded data) through warmup and past the point where
+    a recipe at the edge of stability diverged, at 1.5x its lr and another seed, with roll-backs off."""
+    recipe = Path(__file__).resolve().parent.parent / "configs" / "shapes.yaml"
+    base, _ = det_train.build_config(recipe)
+    data = make_shapes_coco(tmp_path / "data", num_train=120, num_val=8)  # the embedded generator, fewer images
+    cfg, _ = det_train.build_config(recipe, {
+        **{k: str(v) for k, v in data.items()}, "output_dir": str(tmp_path / "run"), "device": "cpu", "seed": 17,
+        "lr": 1.5 * base.base_lr * base.batch_size / base.base_batch_size, "max_recoveries": 0,
+        # the recipe's first 150 iterations: its warmup and decay steps as they are
+        "iters": 150, "steps": list(base.steps), "warmup_iters": base.warmup_iters,
+        "checkpoint_every": None, "eval_every": None, "log_every": 10})
+    det_train.train(cfg)  # raises FloatingPointError on a NaN/inf loss
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == 15 and max(losses) < 3 * losses[0]  # no blow-up on the way
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3  # and it learns

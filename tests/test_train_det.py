@@ -112,7 +112,8 @@ def test_recipes(name, detector, backbone, iters, steps):
     assert cfg.batch_size * 8 == cfg.base_batch_size == 16 and cfg.base_lr == 0.02
     assert (cfg.warmup_iters, cfg.warmup_factor, cfg.momentum, cfg.weight_decay) == (1000, 0.001, 0.9, 1e-4)
     assert cfg.min_sizes == (640, 672, 704, 736, 768, 800) and cfg.max_size == 1333
-    assert messages == []
+    assert messages == [f"schedule: {iters} iterations, linear warmup over 1000 from lr x0.001, lr x0.1 at iterations "
+                        f"{list(steps)}"]  # nothing rescaled
 
 
 def test_shapes_recipe_loads():
