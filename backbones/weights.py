@@ -7,13 +7,22 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Union
+from typing import Any, Mapping, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Checkpoint", "LoadResult", "read_checkpoint", "load_weights", "load_state_dict_checked"]
+__all__ = [
+    "Checkpoint",
+    "LoadResult",
+    "UnsafeCheckpointError",
+    "read_file",
+    "read_checkpoint",
+    "load_weights",
+    "load_state_dict_checked",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -32,43 +41,95 @@ class LoadResult(NamedTuple):
     skipped_keys: list[str]
 
 
-def read_file(path: Union[str, Path]) -> Any:
+class UnsafeCheckpointError(ValueError, pickle.UnpicklingError):
+    """A checkpoint holds Python objects other than tensors and plain values: refused, nothing of it ran.
+
+    A ``ValueError`` (the command-line tools report it as a user error, naming the file) and a
+    ``pickle.UnpicklingError`` (what ``torch.load(weights_only=True)`` raises).
+    """
+
+
+def read_file(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> Any:
     """Load a ``.safetensors`` file, or a ``.pth/.pt/.bin`` file with ``torch.load(weights_only=True)``.
 
-    Raises ``ValueError`` naming the file when it holds anything but tensors and plain containers (a pickle that
-    would run code is refused without running it), and ``FileNotFoundError`` when it does not exist.
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        UnsafeCheckpointError: the file holds objects other than tensors and plain containers (a pickle that
+            would run code is refused without running it).
+        ValueError: naming ``path``, for anything else that is not a readable checkpoint: empty, truncated or
+            corrupt files, other file types, a safetensors file with a bad header, an unreadable file.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device=str(map_location))
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"refused to load {path}: it contains Python objects other than tensors and plain containers, "
-            f"which could run code ({str(e).splitlines()[0]})"
-        ) from None
-    except (RuntimeError, EOFError) as e:
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from None
+        refused = _refusal(path, e)
+        if refused is not None:
+            raise UnsafeCheckpointError(f"refused to load {path}: {refused}") from None
+        raise ValueError(f"cannot read checkpoint {path}: {_read_problem(path, e)}") from None
+    except Exception as e:  # noqa: BLE001 - corrupt bytes surface as EOFError, KeyError, OSError, RuntimeError,
+        # SafetensorError, ...: whatever the parser tripped on, the file is not a readable checkpoint.
+        raise ValueError(f"cannot read checkpoint {path}: {_read_problem(path, e)}") from None
+
+
+def _refusal(path: Path, error: pickle.UnpicklingError) -> Optional[str]:
+    """Why a safe load refused ``path``, or None when its bytes are simply no checkpoint (random, corrupt)."""
+    if not str(error).startswith("Weights only load failed"):
+        return None  # the plain unpickler: not a pickle at all
+    # torch wraps its unpickler's message in advice (retry with weights_only=False); the original is the context.
+    raw = str(error.__context__ or error).strip()
+    first = raw.splitlines()[0].strip() if raw else ""
+    if first.startswith(("Unsupported operand", "String is too long", "unsupported persistent id")) or not first:
+        with open(path, "rb") as f:
+            is_pickle = f.read(1) == b"\x80"  # the PROTO opcode every pickle since protocol 2 starts with
+        if not is_pickle or not first.startswith("Unsupported operand"):
+            return None  # a byte that is no pickle opcode, a length past the end: random or corrupt data
+        return (f"it is a pickle that a safe load cannot read ({first}; e.g. written by pickle.dump, not "
+                "torch.save), and unpickling it could run code")
+    found = re.sub(r"\s*was not an allowed global by default.*", "", first).removeprefix("Unsupported global: ")
+    return (f"it holds Python objects other than tensors and plain values ({found[:200]}), which could run code "
+            "when unpickled")
+
+
+def _read_problem(path: Path, error: Exception) -> str:
+    """A one-line reason why ``path`` could not be read."""
+    try:
+        if path.stat().st_size == 0:
+            return "the file is empty"
+    except OSError:
+        pass
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    if isinstance(error, EOFError):
+        return "the file is truncated"
+    if isinstance(error, pickle.UnpicklingError) and error.__context__ is not None:
+        error = error.__context__  # torch's own wrapping is advice; the unpickler's message says what it found
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = re.sub(r"^\[enforce fail at [^\]]*\][\s.]*", "", lines[0]).split(". ")[0][:200] if lines else ""
+    return f"not a PyTorch or safetensors checkpoint, or corrupt ({type(error).__name__}: {detail})"
 
 
 def read_checkpoint(checkpoint: Checkpoint) -> dict[str, Tensor]:
     """A flat state dict from a path or a dict, unwrapping ``{"model": ...}``-style nesting and DDP's ``module.``."""
-    state: Any = read_file(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
+    from_file = isinstance(checkpoint, (str, Path))
+    where = f"{checkpoint}: " if from_file else ""
+    state: Any = read_file(checkpoint) if from_file else checkpoint
     if not isinstance(state, Mapping):
-        raise ValueError(f"checkpoint must hold a dict of tensors, got {type(state).__name__}")
+        raise ValueError(f"{where}checkpoint must hold a dict of tensors, got {type(state).__name__}")
     while True:
         nested = next((k for k in _NESTING_KEYS if isinstance(state.get(k), Mapping)), None)
         if nested is None:
             break
         state = state[nested]
-    state = {k: v for k, v in state.items() if isinstance(v, Tensor)}
+    state = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, Tensor)}
     if not state:
-        raise ValueError("checkpoint holds no tensors")
+        raise ValueError(f"{where}checkpoint holds no tensors")
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
@@ -129,7 +190,7 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint, strict: bool = True) 
         >>> load_weights(model, "resnet50-0676ba61.pth")
     """
     from .fpn import FPN
-    from .resnet import ResNet
+    from .resnet import STAGE_NAMES, ResNet
 
     if isinstance(model, FPN):
         return load_weights(model.body, checkpoint, strict)
@@ -137,9 +198,10 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint, strict: bool = True) 
     skipped: list[str] = []
     if isinstance(model, ResNet):
         own = model.state_dict()
-        built = {k.split(".")[0] for k in own}
         # Stages past the last requested feature and the classifier of a feature extractor are not built.
-        absent = [k for k in state if k.split(".")[0] not in built and k.split(".")[0] in ("fc", "layer3", "layer4")]
+        unbuilt = {f"layer{i}" for i in range(len(model.stages()) + 1, len(STAGE_NAMES) + 1)}
+        unbuilt |= {"fc"} if model.out_features is not None else set()
+        absent = [k for k in state if k.split(".")[0] in unbuilt]
         if absent:
             logger.info("feature extractor: not loading %d checkpoint keys (%s...)", len(absent), absent[0])
         # Only a different class count skips the classifier; a different width is a wrong model and raises below.

@@ -1,6 +1,7 @@
 """Checkpoints (tools.engine.checkpoint): atomic save, safe load, rotation, corrupt files, RNG state, export."""
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
@@ -161,3 +162,46 @@ def test_load_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "nope.pth")
     assert not os.path.exists(tmp_path / "nope.pth")
+
+
+def test_disk_full_keeps_the_old_checkpoint_and_says_so(tmp_path, monkeypatch):
+    path = tmp_path / "c.pth"
+    save_checkpoint(path, {"v": torch.tensor(1)})
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="no space left on device") as info:
+        save_checkpoint(path, {"v": torch.tensor(2)})
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    assert info.value.errno == errno.ENOSPC and info.value.__cause__ is None
+    monkeypatch.undo()
+    assert load_checkpoint(path)["v"].item() == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_disk_full_seen_through_torchs_chained_writer_error(tmp_path):
+    from tools.engine.checkpoint import _atomic_write
+
+    def write(f):
+        with open("/dev/full", "wb") as full:  # a real ENOSPC, which torch's zip writer wraps in a RuntimeError
+            torch.save({"w": torch.zeros(1000)}, full)
+
+    with pytest.raises(OSError, match=r"no space left on device while writing .*c\.pth"):
+        _atomic_write(tmp_path / "c.pth", write)
+    assert not list(tmp_path.iterdir())
+
+
+def test_resume_says_when_no_checkpoint_is_readable(tmp_path, caplog):
+    for it in (2, 4):
+        (tmp_path / f"model_{it:07d}.pth").write_bytes(b"\x00" * 10)
+    with pytest.warns(RuntimeWarning, match="model_0000004.pth"), caplog.at_level("WARNING"):
+        assert CheckpointManager(tmp_path).load_latest() is None
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert "none of the 2 checkpoints" in message and "model_0000002.pth" in message
+    caplog.clear()
+    assert CheckpointManager(tmp_path / "empty").load_latest() is None
+    assert not caplog.records  # nothing there: nothing to warn about

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from tools.engine.cls_train import evaluate_checkpoint
+from tools.engine.errors import USER_ERRORS, report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,14 +50,13 @@ def main(argv: list[str] | None = None) -> int:
             crop_pct=args.crop_pct,
             interpolation=args.interpolation,
         )
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    summary = {"top1": results["top1"], "top5": results["top5"]}
-    print(f"top1 {summary['top1']:.4f} top5 {summary['top5']:.4f} ({results['num_images']} images)")
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(summary, indent=2) + "\n")
+        summary = {"top1": results["top1"], "top5": results["top5"]}
+        print(f"top1 {summary['top1']:.4f} top5 {summary['top5']:.4f} ({results['num_images']} images)")
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(json.dumps(summary, indent=2) + "\n")
+    except USER_ERRORS as e:
+        return report(e)
     return 0
 
 

@@ -19,6 +19,7 @@ import logging
 import sys
 
 from tools.engine.det_train import evaluate_checkpoint, score_results_file
+from tools.engine.errors import USER_ERRORS, report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,9 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                                 device=args.device, batch_size=args.batch_size, workers=args.workers,
                                 allow_outside_root=args.allow_outside_root, bf16=args.bf16,
                                 compile=args.compile)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return report(e)
     return 0
 
 

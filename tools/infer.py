@@ -10,6 +10,7 @@ import logging
 import sys
 
 from tools.engine.det_train import infer_images
+from tools.engine.errors import USER_ERRORS, report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,9 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         records = infer_images(args.weights, args.images, args.output_dir, args.score_thresh, overrides, args.device,
                                bf16=args.bf16, compile=args.compile)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return report(e)
     for record in records:
         print(f"{record['image']}: {len(record['detections'])} detections -> {record['output']}")
     return 0

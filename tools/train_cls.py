@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from tools.engine.cls_train import run_from_args
+from tools.engine.errors import USER_ERRORS, report
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "cls" / "shapes.yaml"
 
@@ -73,9 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         results = run_from_args(config, overrides, resume=args.resume)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return report(e)
     print(" ".join(f"{k} {v:.4f}" for k, v in results.items()))
     return 0
 

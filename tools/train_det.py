@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from tools.engine.det_train import run_from_args
+from tools.engine.errors import USER_ERRORS, report
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "shapes.yaml"
 
@@ -100,9 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         metrics = run_from_args(config, overrides, resume=args.resume, eval_only=args.eval_only)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return report(e)
     for iou_type, values in metrics.items():
         print(f"{iou_type}: " + " ".join(f"{k} {v:.4f}" for k, v in values.items()))
     return 0

@@ -15,9 +15,10 @@ Example::
 """
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
-import pickle
 import random
 import re
 import tempfile
@@ -30,6 +31,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from backbones.weights import UnsafeCheckpointError, read_file
 from tools.engine.faults import crash_point
 
 __all__ = [
@@ -44,13 +46,31 @@ __all__ = [
 ]
 
 _TMP_MARK = ".tmp-"
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+logger = logging.getLogger(__name__)
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` or an exception it was raised from is "no space left on device" (or over quota).
+
+    torch.save reports a full disk as a RuntimeError from its zip writer, raised while handling the OSError.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _DISK_FULL:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _atomic_write(path: Path, write) -> None:
     """Call ``write(file_object)`` on a temp file next to ``path``, fsync it, then rename it over ``path``.
 
     A reader (or a resumed run) therefore sees either the old file or the complete new one,
-    never a half-written one, even if the process is killed mid-write.
+    never a half-written one, even if the process is killed mid-write. A full disk raises a
+    one-line ``OSError(ENOSPC)`` naming ``path`` instead of torch's chained writer errors.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}{_TMP_MARK}", dir=path.parent)
@@ -64,8 +84,12 @@ def _atomic_write(path: Path, write) -> None:
             os.fsync(f.fileno())
         crash_point("checkpoint_write")  # test hook: a kill here leaves only the temp file
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp_name).unlink(missing_ok=True)
+        if _is_disk_full(e):
+            raise OSError(errno.ENOSPC, f"no space left on device while writing {path} "
+                                        f"({'the previous file is unchanged' if path.exists() else 'nothing written'})"
+                          ) from None
         raise
     # Make the rename itself durable; not every filesystem allows opening a directory.
     try:
@@ -78,14 +102,6 @@ def _atomic_write(path: Path, write) -> None:
         pass
     finally:
         os.close(dir_fd)
-
-
-class UnsafeCheckpointError(ValueError, pickle.UnpicklingError):
-    """A checkpoint holds Python objects other than tensors and plain values: refused, nothing was run.
-
-    A ``ValueError`` (so the command-line tools report it as a user error, naming the file) and
-    a ``pickle.UnpicklingError`` (what ``torch.load(weights_only=True)`` raises).
-    """
 
 
 def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
@@ -102,20 +118,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         UnsafeCheckpointError: the file holds objects a safe load refuses (nothing of it ran).
-        RuntimeError / pickle.UnpicklingError / safetensors errors: the file is corrupt.
+        ValueError: naming ``path``: the file is empty, truncated, corrupt, not a checkpoint, or not a dict
+            (:func:`backbones.weights.read_file`).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        return safetensors.torch.load_file(str(path), device=str(map_location))
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(
-            f"refused to load {path}: it holds Python objects other than tensors and plain values, which could "
-            f"run code when unpickled ({str(e).splitlines()[0]})"
-        ) from None
+    state = read_file(path, map_location)
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
     return state
@@ -187,18 +193,21 @@ class CheckpointManager:
         """``(path, state)`` of the newest periodic checkpoint that loads, or ``None``.
 
         Newer files that fail to load (truncated, corrupt, unsafe) are skipped with a
-        ``RuntimeWarning`` naming their path; they are left on disk for inspection.
+        ``RuntimeWarning`` naming their path; they are left on disk for inspection. When
+        checkpoints exist but none loads, a warning is logged saying so.
         """
         self.clean_temp_files()
-        for path in reversed(self.checkpoints()):
+        found = self.checkpoints()
+        for path in reversed(found):
             try:
                 return path, load_checkpoint(path, map_location)
             except Exception as e:  # any failure means "not a usable checkpoint"
-                warnings.warn(
-                    f"skipping unreadable checkpoint {path}: {type(e).__name__}: {e}",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+                reason = str(e) if str(path) in str(e) else f"{type(e).__name__}: {e}"
+                warnings.warn(f"skipping unreadable checkpoint {path}: {reason}", RuntimeWarning, stacklevel=2)
+        if found:
+            logger.warning("none of the %d checkpoints in %s could be read (%s): starting as if there were none; "
+                           "the unreadable files are left in place", len(found), self.output_dir,
+                           ", ".join(p.name for p in found))
         return None
 
     def latest(self) -> Path | None:
@@ -293,8 +302,12 @@ def load_metadata(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.suffix != ".safetensors":
         return {}
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        raw = f.metadata() or {}
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: the header is unreadable
+        raise ValueError(f"cannot read the header of {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                         ) from None
     decoded: dict[str, Any] = {}
     for key, value in raw.items():
         try:

@@ -395,7 +395,7 @@ def evaluate_checkpoint(
     """
     state = load_checkpoint(weights)
     if Path(weights).suffix == ".safetensors":  # flat weights; ours name their model in the header
-        state = {"model": state, **load_metadata(weights)}
+        state = {**load_metadata(weights), "model": state}
     name = model or state.get("model_name")
     if not isinstance(name, str):
         raise ValueError(f"{weights} does not name its model; pass --model (one of {sorted(backbones.FACTORIES)})")
@@ -406,7 +406,10 @@ def evaluate_checkpoint(
         weights_state = state["model_ema"]
     else:
         weights_state = state
-    flat = backbones.read_checkpoint(weights_state)
+    try:
+        flat = backbones.read_checkpoint(weights_state)
+    except ValueError as e:
+        raise ValueError(f"{weights}: {e}") from None
     if "fc.weight" not in flat:
         raise ValueError(f"{weights} has no classifier (fc.weight); it cannot be evaluated as a classifier")
     num_classes = flat["fc.weight"].shape[0]
@@ -428,7 +431,10 @@ def evaluate_checkpoint(
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net = build_model(name, num_classes, options)
-    backbones.load_weights(net, flat)
+    try:
+        backbones.load_weights(net, flat)
+    except ValueError as e:
+        raise ValueError(f"{weights}: {e}") from None
     net.to(dev)
     loader = _eval_loader(val_set, batch_size, workers, 0, 1)
     return evaluate(net, loader, dev)

@@ -702,7 +702,11 @@ def load_detector(
     """
     raw = load_checkpoint(weights)
     if Path(weights).suffix == ".safetensors":  # flat weights; what rebuilds the model is in the header
-        raw = {"model": raw, **load_metadata(weights)}
+        raw = {**load_metadata(weights), "model": raw}
+    try:
+        state = backbones.read_checkpoint(raw)
+    except ValueError as e:
+        raise ValueError(f"{weights}: {e}") from None
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if isinstance(raw.get("model_spec"), dict):
         spec = dict(raw["model_spec"])
@@ -710,7 +714,7 @@ def load_detector(
     else:
         spec = {"kind": "faster_rcnn", "backbone": "resnet50", "num_classes": 91, "variant": "v1",
                 "pretrained_backbone": True, "backbone_options": {}, "fpn_options": {}, "options": {}}
-        spec.update(_spec_from_state(backbones.read_checkpoint(raw)))
+        spec.update(_spec_from_state(state))
     for key in ("kind", "backbone", "variant", "num_classes"):
         if key in overrides:
             spec[key] = overrides[key]
@@ -719,7 +723,10 @@ def load_detector(
     if "max_size" in overrides:
         spec["options"]["max_size"] = int(overrides["max_size"])
     model = build_model(spec)
-    heads.load_weights(model, raw)
+    try:
+        heads.load_weights(model, state)
+    except ValueError as e:
+        raise ValueError(f"{weights}: {e}") from None
     model.eval()
     class_names = raw.get("class_names")
     if class_names is None and spec["num_classes"] == 91:

@@ -49,6 +49,7 @@ class MetricLogger:
         self.enabled = enabled
         self.path = self.output_dir / filename
         self._writer = None  # created on first log: constructing a logger writes nothing
+        self._checked_end = False
 
     def log(self, step: int, **scalars: Any) -> None:
         """Record ``scalars`` (numbers or scalar tensors) at ``step``; the JSON line also holds ``"step"``.
@@ -60,8 +61,15 @@ class MetricLogger:
         values = {k: _to_float(v) for k, v in scalars.items()}
         self.output_dir.mkdir(parents=True, exist_ok=True)
         record = {"step": int(step), **{k: (v if math.isfinite(v) else None) for k, v in values.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        with open(self.path, "a+b") as f:
+            if not self._checked_end:
+                # A run killed mid-write leaves a half line; start on a fresh one so this record stays readable.
+                self._checked_end = True
+                if f.tell() > 0:
+                    f.seek(-1, 2)
+                    if f.read(1) != b"\n":
+                        f.write(b"\n")
+            f.write((json.dumps(record) + "\n").encode())
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter  # imported lazily: it is slow to import
 

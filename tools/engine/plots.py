@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -12,16 +13,36 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 __all__ = ["read_metrics", "plot_curves"]
 
+logger = logging.getLogger(__name__)
+
 
 def read_metrics(metrics_jsonl: str | Path) -> list[dict]:
-    """All records of a JSON-lines metrics file, in order."""
-    records = []
-    with open(metrics_jsonl) as f:
+    """All records of a JSON-lines metrics file, in order.
+
+    Lines that are not a JSON object (the half-written last line of a killed run) are skipped with a
+    warning, so a finished run's plots never fail on them.
+    """
+    records, skipped = [], 0
+    with open(metrics_jsonl, encoding="utf-8", errors="replace") as f:
         for line in f:
             line = line.strip()
-            if line:
-                records.append(json.loads(line))
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                skipped += 1
+    if skipped:
+        logger.warning("%s: skipped %d unreadable line(s) (e.g. half-written by a killed run)", metrics_jsonl, skipped)
     return records
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def plot_curves(
@@ -29,7 +50,7 @@ def plot_curves(
 ) -> Path:
     """Plot each of ``keys`` against ``x_key``, one subplot per key, into ``out_png``.
 
-    Records lacking a key (or holding ``null`` for it) are left out of that key's curve;
+    Records lacking a key (or holding ``null`` or another non-number for it) are left out of that key's curve;
     a key found in no record gets an empty subplot titled "(no data)".
     """
     if not keys:
@@ -37,7 +58,7 @@ def plot_curves(
     records = read_metrics(metrics_jsonl)
     fig, axes = plt.subplots(len(keys), 1, figsize=(6, 2.6 * len(keys)), squeeze=False)
     for ax, key in zip(axes[:, 0], keys):
-        points = [(r[x_key], r[key]) for r in records if r.get(key) is not None and r.get(x_key) is not None]
+        points = [(r[x_key], r[key]) for r in records if _is_number(r.get(key)) and _is_number(r.get(x_key))]
         if points:
             xs, ys = zip(*points)
             ax.plot(xs, ys, marker="o" if len(xs) < 30 else None)

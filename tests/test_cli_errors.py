@@ -1,0 +1,176 @@
+"""Every tool on bad input: exit status 2 and one line naming the file or key, never a traceback.
+
+The tools run in-process through their ``main(argv)`` (each case costs the failing step only); one case runs
+a tool as a subprocess to show that nothing but the one line reaches stderr.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tools import eval_cls, eval_coco, infer, train_cls, train_det
+from tools.engine.shapes import make_shapes_coco, make_shapes_imagefolder
+from helpers import TINY_DETECTOR
+
+REPO = Path(__file__).resolve().parent.parent
+
+DET_TINY = {
+    **TINY_DETECTOR,
+    "min_sizes": [48], "max_size": 64, "batch_size": 2, "lr": 0.01, "warmup_iters": 0, "steps": [],
+    "workers": 0, "vis_images": 0, "device": "cpu", "iters": 1, "checkpoint_every": None,
+}
+CLS_TINY = {"model": "resnet18", "model_options": {"base_channels": 8}, "image_size": 32, "epochs": 1,
+            "batch_size": 2, "lr": 0.01, "device": "cpu", "workers": 0}
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory) -> dict[str, str]:
+    paths = make_shapes_coco(tmp_path_factory.mktemp("coco"), num_train=4, num_val=2, image_size=(48, 48), seed=2)
+    return {k: str(v) for k, v in paths.items()}
+
+
+@pytest.fixture(scope="module")
+def imagefolder(tmp_path_factory) -> Path:
+    return make_shapes_imagefolder(tmp_path_factory.mktemp("imgs"), num_classes=2, train_per_class=2,
+                                   val_per_class=1, image_size=32, seed=2)
+
+
+@pytest.fixture(scope="module")
+def det_yaml(coco, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "det.yaml"
+    path.write_text(yaml.safe_dump({**DET_TINY, **coco}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cls_yaml(imagefolder, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "cls.yaml"
+    path.write_text(yaml.safe_dump({**CLS_TINY, "data": str(imagefolder)}))
+    return path
+
+
+def _run(tool: str, argv: list[str], capsys) -> str:
+    """Run a tool's main in-process; assert exit status 2 and one error line without a traceback; return it."""
+    code = {"train_det": train_det, "train_cls": train_cls, "eval_coco": eval_coco, "eval_cls": eval_cls,
+            "infer": infer}[tool].main(argv)
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    assert "Traceback" not in captured.out + captured.err
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, captured.err
+    return errors[0]
+
+
+# ----------------------------------------------------------------------------- corrupt checkpoints
+
+
+@pytest.fixture(scope="module")
+def bad_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad_weights")
+    good = root / "good.pth"
+    torch.save({"model": {"w": torch.randn(64, 64)}}, good)
+    from safetensors.torch import save_file
+    save_file({"w": torch.randn(64, 64)}, str(root / "good.safetensors"))
+    files = {
+        "empty.pth": b"",
+        "truncated.pth": good.read_bytes()[: good.stat().st_size // 2],
+        "text.pth": b"this is a text file, not a checkpoint\n",
+        "random.pth": bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).tolist()),
+        "bad_header.safetensors": struct.pack("<Q", 12) + b'{"w": [1, 2' + (root / "good.safetensors").read_bytes(),
+        "truncated.safetensors": (root / "good.safetensors").read_bytes()[:100],
+    }
+    paths = {}
+    for name, data in files.items():
+        paths[name] = root / name
+        paths[name].write_bytes(data)
+    paths["no_weights.pth"] = root / "no_weights.pth"
+    torch.save({"epoch": 3, "config": {"lr": 0.1}}, paths["no_weights.pth"])
+    return paths
+
+
+CHECKPOINT_TOOLS = {
+    "eval_coco": lambda p, d: ("eval_coco", ["--weights", p, "--val-images", d["coco"]["val_images"], "--val-ann",
+                                             d["coco"]["val_ann"], "--output-dir", d["out"], "--workers", "0"]),
+    "infer": lambda p, d: ("infer", [d["image"], "--weights", p, "--output-dir", d["out"]]),
+    "eval_cls": lambda p, d: ("eval_cls", ["--weights", p, "--data", d["imagefolder"], "--workers", "0"]),
+    "train_det --eval-only": lambda p, d: ("train_det", ["--config", d["det_yaml"], "--weights", p, "--eval-only",
+                                                         "--output-dir", d["out"]]),
+    "train_det --weights": lambda p, d: ("train_det", ["--config", d["det_yaml"], "--weights", p,
+                                                       "--output-dir", d["out"]]),
+    "train_det --pretrained": lambda p, d: ("train_det", ["--config", d["det_yaml"], "--pretrained", p,
+                                                          "--output-dir", d["out"]]),
+}
+
+
+@pytest.mark.parametrize("kind", ["empty.pth", "truncated.pth", "text.pth", "random.pth", "bad_header.safetensors",
+                                  "truncated.safetensors", "no_weights.pth"])
+@pytest.mark.parametrize("tool", list(CHECKPOINT_TOOLS))
+def test_corrupt_checkpoint_gives_one_line_naming_it(tool, kind, bad_checkpoints, coco, imagefolder, det_yaml,
+                                                     tmp_path, capsys):
+    path = str(bad_checkpoints[kind])
+    data = {"coco": coco, "imagefolder": str(imagefolder), "det_yaml": str(det_yaml), "out": str(tmp_path / "out"),
+            "image": str(next(Path(coco["val_images"]).iterdir()))}
+    name, argv = CHECKPOINT_TOOLS[tool](path, data)
+    line = _run(name, argv, capsys)
+    assert path in line
+    assert "weights_only=False" not in line
+
+
+def test_refusal_does_not_relay_advice_to_load_unsafely(tmp_path, capsys):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {}, "x": Payload()}, evil)
+    line = _run("eval_cls", ["--weights", str(evil), "--data", str(tmp_path)], capsys)
+    assert f"refused to load {evil}" in line and "os.system" in line or "posix.system" in line
+    assert "weights_only" not in line and "trust" not in line
+
+
+def test_no_traceback_reaches_stderr_of_a_real_process(bad_checkpoints, coco, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "tools/eval_coco.py", "--weights", str(bad_checkpoints["random.pth"]), "--val-images",
+         coco["val_images"], "--val-ann", coco["val_ann"], "--output-dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [lines[-1]] and lines[-1].startswith("error: cannot read checkpoint")
+    assert str(bad_checkpoints["random.pth"]) in lines[-1]
+
+
+# ----------------------------------------------------------------------------- disk full
+
+
+def test_disk_full_while_checkpointing_is_one_line_naming_the_file(det_yaml, tmp_path, capsys, monkeypatch):
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "run"
+    line = _run("train_det", ["--config", str(det_yaml), "--output-dir", str(out)], capsys)
+    assert "no space left on device" in line and str(out / "model_0000001.pth") in line
+    assert not list(out.glob("*.pth")) and not list(out.glob(".model_*"))  # no half-written file left
+
+
+def test_half_written_metrics_line_does_not_fail_a_finished_run(tmp_path):
+    from tools.engine.logger import MetricLogger
+    from tools.engine.plots import plot_curves, read_metrics
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')  # a run killed mid-write
+    with MetricLogger(tmp_path) as logger:  # the resumed run appends after it
+        logger.log(step=3, loss=1.0)
+    assert [r["step"] for r in read_metrics(log)] == [1, 3]
+    assert plot_curves(log, tmp_path / "curves.png", ["loss"]).is_file()
