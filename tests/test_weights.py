@@ -50,6 +50,19 @@ def test_feature_extractor_drops_classifier(tv18):
     assert any(k.startswith("layer4.") for k in result.skipped_keys)
 
 
+@pytest.mark.parametrize("out_features", [("c2",), ("c2", "c3")])
+def test_feature_extractor_skips_every_stage_it_lacks(tv18, out_features):
+    model = B.resnet18(out_features=out_features).eval()
+    result = B.load_weights(model, tv18.state_dict())
+    unbuilt = ("fc", *(f"layer{i}" for i in range(len(out_features) + 1, 5)))
+    assert {k.split(".")[0] for k in result.skipped_keys} == set(unbuilt)
+    assert not result.missing_keys and not result.unexpected_keys
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = tv18.layer1(tv18.maxpool(tv18.relu(tv18.bn1(tv18.conv1(x)))))
+        torch.testing.assert_close(model(x)["c2"], ref, rtol=1e-4, atol=1e-4)
+
+
 def test_classifier_with_other_class_count_is_skipped_with_message(tv18, caplog):
     model = B.resnet18(num_classes=10)
     fc_before = model.fc.weight.clone()
