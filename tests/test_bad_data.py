@@ -171,6 +171,55 @@ def top_level_list(data, root):
     return Case(error="top level must be a JSON object")
 
 
+def set_polygon_value(index, value, reason):
+    def mutate(data, root):
+        ann = _first(data["annotations"], "polygon")
+        img = next(i for i in data["images"] if i["id"] == ann["image_id"])
+        ann["segmentation"][0][index] = value(img)
+        return Case(dropped={reason: 1} if reason else {})
+    return mutate
+
+
+def set_area(value):
+    def mutate(data, root):
+        ann = _first(data["annotations"])
+        ann["area"] = value
+        return Case(dropped={})
+    return mutate
+
+
+def set_image_id(value, error=None):
+    def mutate(data, root):
+        img = _annotated_image(data)
+        for ann in data["annotations"]:
+            if ann["image_id"] == img["id"]:
+                ann["image_id"] = value
+        img["id"] = value
+        return Case(error=error, dropped=None if error else {})
+    return mutate
+
+
+def set_category_id(value, error=None):
+    def mutate(data, root):
+        old = data["categories"][0]["id"]
+        data["categories"][0]["id"] = value
+        for ann in data["annotations"]:
+            if ann["category_id"] == old:
+                ann["category_id"] = value
+        return Case(error=error, dropped=None if error else {})
+    return mutate
+
+
+def annotation_id_too_large(data, root):
+    data["annotations"][1]["id"] = 2**64
+    return Case(error="annotation #1 id 18446744073709551616 does not fit a 64-bit integer")
+
+
+def huge_image(data, root):
+    data["images"][1]["width"] = 70_000
+    return Case(error=f"image id {data['images'][1]['id']} is 70000x.* at most 65535")
+
+
 JSON_CASES = {
     "missing_bbox": drop_key("bbox"),
     "missing_category_id": drop_key("category_id"),
@@ -187,6 +236,32 @@ JSON_CASES = {
     "box_partly_outside": set_bbox(lambda b, img: [-4.0, b[1], b[2] + 4.0, img["height"] - b[1] + 9.0], "clipped"),
     "bbox_three_numbers": set_bbox(lambda b, img: b[:3], "error"),
     "bbox_strings": set_bbox(lambda b, img: ["1", "2", "3", "4"], "error"),
+    # numeric extremes: nothing huge reaches pycocotools (a polygon vertex at 1e9 crashed it in C)
+    "box_huge": set_bbox(lambda b, img: [0.0, 0.0, 1e9, 1e9], "dropped"),
+    "box_far_negative": set_bbox(lambda b, img: [-1e6, b[1], 1e6 + 10, b[3]], "dropped"),
+    "box_int_beyond_float": set_bbox(lambda b, img: [10**400, b[1], b[2], b[3]], "dropped"),
+    "box_just_inside_tolerance": set_bbox(lambda b, img: [-img["width"] + 1.0, b[1], 2 * img["width"] - 2.0, b[3]],
+                                          "clipped"),
+    "polygon_vertex_1e9": set_polygon_value(0, lambda img: 1e9, "bad_polygon"),
+    "polygon_vertex_far_negative": set_polygon_value(1, lambda img: -1e7, "bad_polygon"),
+    "polygon_vertex_int_beyond_float": set_polygon_value(2, lambda img: 10**400, "bad_polygon"),
+    "polygon_vertex_inf": set_polygon_value(3, lambda img: math.inf, "bad_polygon"),
+    "polygon_vertex_slightly_outside": set_polygon_value(0, lambda img: img["width"] + 3.0, None),
+    "rle_size_floats": set_segmentation("rle_list", lambda s: dict(s, size=[float(v) for v in s["size"]]),
+                                        "bad_rle"),
+    "rle_size_bools": set_segmentation("rle_list", lambda s: dict(s, size=[True, True]), "bad_rle"),
+    "area_negative": set_area(-25.0),
+    "area_nan": set_area(math.nan),
+    "area_int_beyond_float": set_area(10**400),
+    "image_id_int64_max": set_image_id(2**63 - 1),
+    "image_id_zero": set_image_id(0),
+    "image_id_beyond_int64": set_image_id(2**63, error=r"image #\d+ id must be in 0\.\.9223372036854775807"),
+    "image_id_negative": set_image_id(-1, error=r"image #\d+ id must be in 0\.\."),
+    "category_id_int64_max": set_category_id(2**63 - 1),
+    "category_id_beyond_int64": set_category_id(2**63, error=r"category #0 \('circle'\) id must be in 0\.\."),
+    "category_id_negative": set_category_id(-1, error=r"category #0 \('circle'\) id must be in 0\.\."),
+    "annotation_id_beyond_int64": annotation_id_too_large,
+    "image_side_over_65535": huge_image,
     "unknown_image_id": unknown_image,
     "unknown_category_id": unknown_category,
     "duplicate_image_id": duplicate_image_id,
@@ -251,9 +326,8 @@ def _check_dataset(ds, raw_anns_by_id, caplog):
 @pytest.mark.parametrize("name", list(JSON_CASES))
 def test_annotation_mutation(name, tmp_path, base, caplog):
     root, data = _prepare(tmp_path, base)
-    raw_by_id = {a["id"]: a for a in data["annotations"] if "id" in a}
-    raw_by_id = {k: dict(v) for k, v in raw_by_id.items()}
     case = JSON_CASES[name](data, root)
+    raw_by_id = {a["id"]: dict(a) for a in data["annotations"] if isinstance(a, dict) and "id" in a}
     ann_file = tmp_path / "ann.json"
     ann_file.write_text(json.dumps(data["images"] if name == "top_level_list" else data))
     caplog.set_level(logging.INFO, logger=LOGGER)
@@ -353,3 +427,18 @@ def test_image_mutation(name, tmp_path, base, caplog):
     image, _ = ds[ds.ids.index(img["id"])]
     reference = torch.from_numpy(np.asarray(original.convert("L"), dtype=np.float32) / 255)
     assert (image.mean(0) - reference).abs().mean() < 0.1  # the right picture, scaled to [0, 1]
+
+
+def test_annotation_ids_from_zero_still_match_in_evaluation(tmp_path, base):
+    from tools.engine.coco_eval import evaluate_coco
+
+    root, data = _prepare(tmp_path, base)
+    for k, ann in enumerate(data["annotations"]):
+        ann["id"] = k  # from 0, as some converters write; pycocotools' evaluation takes id 0 for "unmatched"
+    ann_file = tmp_path / "ann.json"
+    ann_file.write_text(json.dumps(data))
+    ds = CocoDetection(root, ann_file, with_masks=False)
+    assert min(ds.coco.anns) == 1 and len(ds.coco.anns) == len(data["annotations"])
+    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+               for a in ds.coco.dataset["annotations"] if not a["iscrowd"]]
+    assert evaluate_coco(ds.coco, perfect)["bbox"]["AP"] == pytest.approx(1.0)

@@ -45,14 +45,23 @@ logger = logging.getLogger(__name__)
 
 DROP_REASONS: tuple[str, ...] = (
     "unknown_image",    # annotation's image_id is not in "images"
-    "bad_box",          # NaN/inf coordinates, or width/height <= 0 after clipping to the image
-    "bad_polygon",      # polygon with fewer than 3 points, odd length, non-finite or non-numeric values
+    "bad_box",          # NaN/inf or far-outside coordinates, or width/height <= 0 after clipping to the image
+    "bad_polygon",      # polygon with fewer than 3 points, odd length, non-numeric, NaN/inf or far-outside values
     "bad_rle",          # RLE whose size differs from the image, or whose counts do not cover it
     "no_segmentation",  # with_masks=True but the annotation has no segmentation
     "empty_image",      # image without training annotations, only with drop_empty=True
 )
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+# Ids are stored and compared as int64 (numpy, torch, pycocotools' evaluation).
+_INT64_MAX = 2**63 - 1
+# pycocotools keeps run lengths as uint32: a mask of up to 65535 x 65535 pixels fits. Also JPEG's limit.
+_MAX_IMAGE_SIDE = 65535
+# Box and polygon coordinates may lie outside their image by up to one image width/height (sloppy annotation,
+# clipped); anything further is corrupt. The bound also caps what pycocotools allocates to rasterise a polygon,
+# which grows with its coordinates (a vertex at 1e9 needs tens of GB, or crashes it).
+_OUTSIDE_TOLERANCE = 1.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,6 +87,26 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a finite float, or None (not a number, NaN/inf, or an integer too large for a float)."""
+    if not _is_number(value):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _is_id(value: Any) -> bool:
+    return _is_int(value) and 0 <= value <= _INT64_MAX
+
+
+def _within(value: float, size: int) -> bool:
+    """Whether a coordinate lies within ``_OUTSIDE_TOLERANCE`` image sizes of the image ``0..size``."""
+    return -_OUTSIDE_TOLERANCE * size <= value <= (1 + _OUTSIDE_TOLERANCE) * size
 
 
 def _escapes_root(file_name: str) -> bool:
@@ -123,13 +152,16 @@ def _segmentation_problem(segm: Any, height: int, width: int) -> str | None:
         return "no_segmentation" if segm is None else "bad_polygon"
     if isinstance(segm, list):
         for poly in segm:
-            if (not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2
-                    or not all(_is_number(v) and math.isfinite(v) for v in poly)):
+            if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2:
+                return "bad_polygon"
+            coords = [_finite(v) for v in poly]
+            if any(c is None for c in coords) or not all(
+                    _within(c, width if k % 2 == 0 else height) for k, c in enumerate(coords)):
                 return "bad_polygon"
         return None
     if isinstance(segm, dict):
         size, counts = segm.get("size"), segm.get("counts")
-        if not isinstance(size, list) or size != [height, width]:
+        if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size)) or size != [height, width]:
             return "bad_rle"
         if isinstance(counts, list):
             if not all(_is_int(c) and c >= 0 for c in counts) or sum(counts) != height * width:
@@ -193,7 +225,8 @@ class CocoDetection(Dataset):
       user must fix because no safe guess exists: unreadable, non-UTF-8 or truncated
       JSON; missing "images"/"annotations"/"categories"; an image without
       id/file_name/width/height or with non-positive size; a category without
-      id/name; an annotation without id/image_id/category_id/bbox or with a bbox
+      id/name; image or category ids outside 0..2^63-1, annotation ids that do not fit
+      int64, image sides over 65535; an annotation without id/image_id/category_id/bbox or with a bbox
       that is not 4 numbers; duplicate image, category or annotation ids (pycocotools
       would silently keep only the last one); an annotation whose category_id is not
       a listed category (it must never receive a wrong label); a ``file_name`` that
@@ -201,12 +234,16 @@ class CocoDetection(Dataset):
     * **dropped and counted** (see :data:`DROP_REASONS`) where the annotation alone is
       unusable but the rest of the file is sound: an unknown image_id, NaN/inf or
       empty boxes (after clipping to the image), invalid polygons, RLE of the wrong
-      size (segmentations are checked only when ``with_masks``). Boxes partly outside
+      size (segmentations are checked only when ``with_masks``). A box or polygon
+      coordinate more than one image width/height outside the image makes its box or
+      polygon invalid (nothing that large reaches pycocotools). Boxes partly outside
       the image are clipped and counted in ``clipped``. One summary line is logged
       and the counts are kept in ``dropped``.
-    * Missing ``iscrowd`` defaults to 0 and missing ``area`` is computed (mask area
-      when a segmentation is available, else box area), so that ``coco`` can be
-      handed to COCOeval.
+    * Missing ``iscrowd`` defaults to 0 and a missing, negative or non-finite ``area`` is
+      computed (mask area when a segmentation is available, else box area; counted in
+      ``recomputed_areas`` unless missing), so that ``coco`` can be handed to COCOeval.
+      Annotation ids <= 0 are renumbered from 1 in ``coco`` (pycocotools' evaluation
+      takes id 0 for "unmatched").
 
     Crowd annotations (``iscrowd=1``) are excluded from the training targets but
     kept in ``coco``, the cleaned ground truth to evaluate against.
@@ -245,6 +282,7 @@ class CocoDetection(Dataset):
         self.with_masks = with_masks
         self.dropped: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
         self.clipped = 0
+        self.recomputed_areas = 0
 
         data = self._validated(_read_json(self.ann_file), allow_outside_root)
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "creating index..."
@@ -275,8 +313,10 @@ class CocoDetection(Dataset):
 
         counts = ", ".join(f"{k}={v}" for k, v in self.dropped.items() if v)
         summary = (f"{self.ann_file}: {len(self._records)} images, {len(self.coco.anns)} annotations kept; "
-                   f"dropped: {counts or 'none'}; clipped boxes: {self.clipped}")
-        logger.log(logging.WARNING if counts or self.clipped else logging.INFO, summary)
+                   f"dropped: {counts or 'none'}; clipped boxes: {self.clipped}"
+                   + (f"; negative or non-finite areas recomputed: {self.recomputed_areas}"
+                      if self.recomputed_areas else ""))
+        logger.log(logging.WARNING if counts or self.clipped or self.recomputed_areas else logging.INFO, summary)
 
     # -- validation ----------------------------------------------------------------------------
 
@@ -294,6 +334,9 @@ class CocoDetection(Dataset):
         for i, cat in enumerate(data["categories"]):
             if not isinstance(cat, dict) or not _is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
                 raise ValueError(f"{where}: category #{i} needs an integer 'id' and a string 'name', got {cat!r}")
+            if not _is_id(cat["id"]):
+                raise ValueError(f"{where}: category #{i} ({cat['name']!r}) id must be in 0..{_INT64_MAX}, "
+                                 f"got {cat['id']}")
             if cat["id"] in cat_names:
                 raise ValueError(f"{where}: duplicate category id {cat['id']}")
             cat_names[cat["id"]] = cat["name"]
@@ -311,9 +354,14 @@ class CocoDetection(Dataset):
             if not _is_int(img["id"]) or not isinstance(img["file_name"], str):
                 raise ValueError(f"{where}: image #{i} needs an integer id and a string file_name, "
                                  f"got id={img['id']!r} file_name={img['file_name']!r}")
+            if not _is_id(img["id"]):
+                raise ValueError(f"{where}: image #{i} id must be in 0..{_INT64_MAX}, got {img['id']}")
             if not (_is_int(img["width"]) and _is_int(img["height"]) and img["width"] > 0 and img["height"] > 0):
                 raise ValueError(f"{where}: image id {img['id']} needs positive integer width/height, "
                                  f"got {img['width']!r}x{img['height']!r}")
+            if max(img["width"], img["height"]) > _MAX_IMAGE_SIDE:
+                raise ValueError(f"{where}: image id {img['id']} is {img['width']}x{img['height']}; width and "
+                                 f"height must be at most {_MAX_IMAGE_SIDE}")
             if img["id"] in image_sizes:
                 raise ValueError(f"{where}: duplicate image id {img['id']}")
             if not allow_outside_root and _escapes_root(img["file_name"]):
@@ -328,6 +376,8 @@ class CocoDetection(Dataset):
                 raise ValueError(f"{where}: annotation #{i} needs an integer 'id', got "
                                  f"{ann.get('id') if isinstance(ann, dict) else ann!r}")
             ann_id = ann["id"]
+            if not -_INT64_MAX - 1 <= ann_id <= _INT64_MAX:
+                raise ValueError(f"{where}: annotation #{i} id {ann_id} does not fit a 64-bit integer")
             if ann_id in seen_ids:
                 raise ValueError(f"{where}: duplicate annotation id {ann_id}")
             seen_ids.add(ann_id)
@@ -352,10 +402,14 @@ class CocoDetection(Dataset):
                 continue
             height, width = image_sizes[ann["image_id"]]
 
-            x, y, w, h = (float(v) for v in bbox)
+            x, y, w, h = (_finite(v) for v in bbox)
+            if None in (x, y, w, h) or not (_within(x, width) and _within(x + w, width)
+                                            and _within(y, height) and _within(y + h, height)):
+                self.dropped["bad_box"] += 1
+                continue
             x1, y1 = max(x, 0.0), max(y, 0.0)
             x2, y2 = min(x + w, float(width)), min(y + h, float(height))
-            if not all(math.isfinite(v) for v in (x, y, w, h)) or x2 <= x1 or y2 <= y1:
+            if x2 <= x1 or y2 <= y1:
                 self.dropped["bad_box"] += 1
                 continue
             if (x1, y1, x2, y2) != (x, y, x + w, y + h):
@@ -368,12 +422,20 @@ class CocoDetection(Dataset):
                     self.dropped[problem] += 1
                     continue
             clean = dict(ann, bbox=[x1, y1, x2 - x1, y2 - y1], iscrowd=int(iscrowd))
-            if not _is_number(clean.get("area")) or not math.isfinite(clean["area"]):
+            area = _finite(clean.get("area"))
+            if area is None or area < 0:
+                self.recomputed_areas += "area" in clean
                 if self.with_masks:
                     clean["area"] = float(mask_utils.area(_ann_to_rle(segm, height, width)))
                 else:
                     clean["area"] = (x2 - x1) * (y2 - y1)
             annotations.append(clean)
+        if any(a["id"] <= 0 for a in annotations):
+            # pycocotools' evaluation stores a match as the ground truth's id, 0 meaning "unmatched": a
+            # detection matching an annotation of id 0 would count as a false positive. Number them from 1.
+            annotations = [dict(a, id=k) for k, a in enumerate(annotations, start=1)]
+            logger.info("%s: annotation ids renumbered from 1 (the file has ids <= 0, which pycocotools' "
+                        "evaluation cannot match)", where)
         return dict(data, images=images, annotations=annotations, categories=categories)
 
     # -- access --------------------------------------------------------------------------------
