@@ -237,7 +237,7 @@ class FasterRCNN(GeneralizedRCNN):
         self, images: list[Tensor], targets: Optional[list[dict[str, Tensor]]] = None
     ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         """Losses (train mode, ``targets`` required) or per-image detections (eval mode)."""
-        check_images(images)
+        check_images(images, max_size=self.transform.max_size)
         if self.training:
             check_targets(targets, images, self.num_classes, needs_masks=self.roi_heads.has_mask())
         return super().forward(images, targets)

@@ -12,8 +12,12 @@ from torch import Tensor
 __all__ = ["check_images", "check_targets"]
 
 
-def check_images(images: Any) -> None:
-    """Raise ValueError unless ``images`` is a non-empty list of float tensors shaped 3×H×W with H, W > 0."""
+def check_images(images: Any, max_size: int | None = None) -> None:
+    """Raise ValueError unless ``images`` is a non-empty list of finite float tensors shaped 3×H×W with H, W > 0.
+
+    With ``max_size`` (the detector's cap on the longer side), also unless every image keeps at least one pixel
+    on its shorter side when resized to it: a 1×5000 image would otherwise fail inside ``interpolate``.
+    """
     if isinstance(images, Tensor) or not isinstance(images, Sequence) or len(images) == 0:
         raise ValueError(
             "images must be a non-empty list of 3xHxW float tensors, got "
@@ -32,13 +36,24 @@ def check_images(images: Any) -> None:
             )
         if image.shape[1] == 0 or image.shape[2] == 0:
             raise ValueError(f"images[{i}] is empty: shape {tuple(image.shape)}")
+        short, long = sorted(image.shape[1:])
+        if max_size is not None and short * max_size < long:
+            raise ValueError(
+                f"images[{i}] is {image.shape[1]}x{image.shape[2]} (HxW): its aspect ratio exceeds {max_size}:1, so "
+                f"resizing its longer side to max_size={max_size} would leave the shorter side under one pixel; "
+                "crop or pad such images"
+            )
+    # One pass per image; NaN/inf pixels would otherwise train on NaN losses or give garbage detections silently.
+    finite = [bool(torch.isfinite(image).all()) for image in images]
+    if not all(finite):
+        raise ValueError(f"images[{finite.index(False)}] holds NaN or infinite values")
 
 
 def check_targets(targets: Any, images: Sequence[Tensor], num_classes: int, needs_masks: bool) -> None:
     """Raise ValueError unless ``targets`` holds one valid training target per image.
 
     Each target is a dict with ``boxes`` (float N×4, x1 < x2 and y1 < y2, in pixels), ``labels`` (int64 N, in
-    1..num_classes-1, 0 is background) and, when ``needs_masks``, ``masks`` (N×H×W, uint8 or bool, the image's
+    1..num_classes-1, 0 is background) and, when ``needs_masks``, ``masks`` (N×H×W, uint8 0/1 or bool, the image's
     size). N may be 0: an image without objects trains as a negative.
     """
     if targets is None:
@@ -58,7 +73,7 @@ def check_targets(targets: Any, images: Sequence[Tensor], num_classes: int, need
         _check_boxes(boxes, i)
         _check_labels(labels, len(boxes), num_classes, i)
         if needs_masks:
-            _check_masks(target["masks"], len(boxes), image, i)
+            _check_masks(target["masks"], len(boxes), image, i, target.get("image_id"))
 
 
 def _check_boxes(boxes: Any, i: int) -> None:
@@ -97,7 +112,7 @@ def _check_labels(labels: Any, num_boxes: int, num_classes: int, i: int) -> None
         )
 
 
-def _check_masks(masks: Any, num_boxes: int, image: Tensor, i: int) -> None:
+def _check_masks(masks: Any, num_boxes: int, image: Tensor, i: int, image_id: Any = None) -> None:
     expected = (num_boxes, image.shape[1], image.shape[2])
     if not isinstance(masks, Tensor) or masks.dtype not in (torch.uint8, torch.bool):
         kind = masks.dtype if isinstance(masks, Tensor) else type(masks)
@@ -106,4 +121,11 @@ def _check_masks(masks: Any, num_boxes: int, image: Tensor, i: int) -> None:
         raise ValueError(
             f"targets[{i}]['masks'] must have shape {expected} (one HxW mask per box, at the image's size), "
             f"got {tuple(masks.shape)}"
+        )
+    if masks.dtype == torch.uint8 and masks.numel() and int(masks.max()) > 1:
+        values = torch.unique(masks)[:5].tolist()
+        raise ValueError(
+            f"targets[{i}]['masks'] (image {i}{'' if image_id is None else f', image_id {image_id}'}) holds values "
+            f"{values}{'...' if len(values) == 5 else ''}; masks must be 0/1 (uint8) or bool: divide 0/255 masks by "
+            "255 or compare them with > 0"
         )

@@ -296,6 +296,8 @@ def test_bad_targets_raise(match: str, make_targets, faster: nn.Module) -> None:
         ("lacks \\['masks'\\]", None),
         ("must have shape \\(2, 49, 66\\)", torch.zeros(2, 60, 75, dtype=torch.uint8)),
         ("uint8", torch.zeros(2, 49, 66)),
+        (r"targets\[1\]\['masks'\] \(image 1\) holds values \[0, 255\]", torch.zeros(2, 49, 66, dtype=torch.uint8)
+         .index_fill_(1, torch.tensor([5]), 255)),  # a 0/255 PNG mask, read as is
     ],
 )
 def test_bad_masks_raise(match: str, masks, mask: nn.Module) -> None:
@@ -318,12 +320,25 @@ def test_bad_masks_raise(match: str, masks, mask: nn.Module) -> None:
         ("images\\[0\\] must have shape 3xHxW", lambda: [torch.rand(64, 64)]),
         ("float tensor", lambda: [torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8)]),
         ("empty", lambda: [torch.rand(3, 0, 64)]),
+        (r"images\[1\] holds NaN", lambda: [torch.rand(3, 64, 64), torch.rand(3, 64, 64).index_fill_(2, torch.tensor([3]),
+                                                                                             float("nan"))]),
+        (r"images\[0\] holds NaN or infinite", lambda: [torch.full((3, 8, 8), float("inf"))]),
+        # max_size 96: a 1x97 image would be resized to 0x96 (a RuntimeError inside interpolate)
+        (r"images\[0\] is 1x97 \(HxW\): its aspect ratio exceeds 96:1", lambda: [torch.rand(3, 1, 97)]),
+        (r"images\[0\] is 5000x1", lambda: [torch.rand(3, 5000, 1)]),
     ],
 )
-def test_bad_images_raise(match: str, images, faster: nn.Module) -> None:
-    faster.eval()
+@pytest.mark.parametrize("training", [False, True])
+def test_bad_images_raise(match: str, images, training: bool, mask: nn.Module) -> None:
+    mask.train(training)  # images are checked first, in both modes
     with pytest.raises(ValueError, match=match):
-        faster(images())
+        mask(images())
+
+
+def test_extreme_but_resizable_aspect_ratio_runs(faster: nn.Module) -> None:
+    faster.eval()
+    with torch.no_grad():
+        faster([torch.rand(3, 1, 96), torch.rand(3, 2, 150)])  # shorter side 1 pixel after resizing: still works
 
 
 # ---------------------------------------------------------------- weights
