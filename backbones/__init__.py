@@ -1,5 +1,5 @@
 """resdet backbones: ResNet family as classifier or multi-scale feature extractor, FPN, timm models, weights."""
-from .fpn import FPN
+from .fpn import FPN, LastLevelMaxPool, LastLevelP6P7, TopBlock
 from .norm import FrozenBatchNorm2d
 from .optimize import BF16_TOLERANCE, bf16_supported, fold_norms_, optimize_for_inference
 from .resnet import (
@@ -17,7 +17,7 @@ from .resnet import (
     resnext101_32x8d,
     wide_resnet50_2,
 )
-from .shape_spec import ShapeSpec
+from .shape_spec import Backbone, ShapeSpec
 from .timm_backbone import TimmBackbone
 from .weights import LoadResult, load_weights, read_checkpoint
 
@@ -25,14 +25,18 @@ __all__ = [
     "ARCH_SETTINGS",
     "BF16_TOLERANCE",
     "FACTORIES",
+    "Backbone",
     "BasicBlock",
     "Bottleneck",
     "FPN",
     "FrozenBatchNorm2d",
+    "LastLevelMaxPool",
+    "LastLevelP6P7",
     "LoadResult",
     "ResNet",
     "ShapeSpec",
     "TimmBackbone",
+    "TopBlock",
     "bf16_supported",
     "fold_norms_",
     "load_weights",

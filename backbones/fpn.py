@@ -3,26 +3,30 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .norm import conv_norm
-from .shape_spec import ShapeSpec
+from .norm import NormSpec, build_norm, conv_norm
+from .shape_spec import ShapeSpec, check_backbone
 
-__all__ = ["FPN"]
+__all__ = ["FPN", "TopBlock", "LastLevelMaxPool", "LastLevelP6P7"]
 
-_TOP_BLOCKS = ("maxpool", "p6p7", None)
-_FPN_NORMS = {None: None, "GN": lambda c: nn.GroupNorm(32, c), "BN": nn.BatchNorm2d}
 _FUSES = ("sum", "avg")
 
 
 class ConvNorm(nn.Sequential):
     """``conv`` (key ``.0``) optionally followed by a norm (``.1``): torchvision's Conv2dNormActivation key layout."""
 
-    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, norm: Optional[str], stride: int = 1) -> None:
-        norm_layer = _FPN_NORMS[norm]
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel_size: int,
+        norm_layer: Optional[Callable[[int], nn.Module]],
+        stride: int = 1,
+    ) -> None:
         conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, kernel_size // 2, bias=norm_layer is None)
         nn.init.kaiming_uniform_(conv.weight, a=1)
         if conv.bias is not None:
@@ -36,14 +40,59 @@ class ConvNorm(nn.Sequential):
 class _Pyramid(nn.Module):
     """Holds the lateral (``inner_blocks``) and output (``layer_blocks``) convolutions: keys as torchvision's FPN."""
 
-    def __init__(self, in_channels: Sequence[int], out_channels: int, norm: Optional[str]) -> None:
+    def __init__(
+        self, in_channels: Sequence[int], out_channels: int, norm_layer: Optional[Callable[[int], nn.Module]]
+    ) -> None:
         super().__init__()
-        self.inner_blocks = nn.ModuleList(ConvNorm(c, out_channels, 1, norm) for c in in_channels)
-        self.layer_blocks = nn.ModuleList(ConvNorm(out_channels, out_channels, 3, norm) for _ in in_channels)
+        self.inner_blocks = nn.ModuleList(ConvNorm(c, out_channels, 1, norm_layer) for c in in_channels)
+        self.layer_blocks = nn.ModuleList(ConvNorm(out_channels, out_channels, 3, norm_layer) for _ in in_channels)
 
 
-class _P6P7(nn.Module):
-    """RetinaNet's extra levels: P6 = 3x3/2 conv on P5, P7 = 3x3/2 conv on ReLU(P6)."""
+class TopBlock(nn.Module):
+    """Extra pyramid levels computed from the coarsest one; a subclass declares what it adds.
+
+    Attributes:
+        min_input_stride: the FPN uses only the input features of at least this stride (RetinaNet's P3-P7: 8).
+    """
+
+    min_input_stride: int = 1
+
+    def output_shape(self, coarsest: ShapeSpec) -> list[ShapeSpec]:
+        """Channels and stride of each added level, finest first, given those of the coarsest pyramid level."""
+        raise NotImplementedError
+
+    def forward(self, coarsest: Tensor) -> list[Tensor]:
+        """The coarsest pyramid level ``(N, C, H, W)`` -> the added levels, finest first."""
+        raise NotImplementedError
+
+
+class LastLevelMaxPool(TopBlock):
+    """One level at twice the coarsest stride by a 1x1/2 max-pool (Faster/Mask R-CNN's P6); no parameters.
+
+    Example:
+        >>> fpn = FPN(resnet50(out_features=("c2", "c3", "c4", "c5")), top_block=LastLevelMaxPool())
+    """
+
+    def output_shape(self, coarsest: ShapeSpec) -> list[ShapeSpec]:
+        return [ShapeSpec(coarsest.channels, coarsest.stride * 2)]
+
+    def forward(self, coarsest: Tensor) -> list[Tensor]:
+        return [F.max_pool2d(coarsest, kernel_size=1, stride=2)]
+
+
+class LastLevelP6P7(TopBlock):
+    """RetinaNet's extra levels: P6 = 3x3/2 conv on P5, P7 = 3x3/2 conv on ReLU(P6); inputs of stride >= 8 only.
+
+    Parameters ``p6``/``p7``, as torchvision's ``LastLevelP6P7``.
+
+    Args:
+        channels: width of the pyramid, in and out.
+
+    Example:
+        >>> fpn = FPN(resnet50(out_features=("c3", "c4", "c5")), ("c3", "c4", "c5"), top_block=LastLevelP6P7(256))
+    """
+
+    min_input_stride = 8
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -53,23 +102,43 @@ class _P6P7(nn.Module):
             nn.init.kaiming_uniform_(conv.weight, a=1)
             nn.init.zeros_(conv.bias)
 
-    def forward(self, p5: Tensor) -> list[Tensor]:
-        p6 = self.p6(p5)
+    def output_shape(self, coarsest: ShapeSpec) -> list[ShapeSpec]:
+        if coarsest.channels != self.p6.in_channels:
+            raise ValueError(
+                f"LastLevelP6P7({self.p6.in_channels}) takes {self.p6.in_channels} channels, got {coarsest.channels}"
+            )
+        return [
+            ShapeSpec(self.p6.out_channels, coarsest.stride * 2),
+            ShapeSpec(self.p7.out_channels, coarsest.stride * 4),
+        ]
+
+    def forward(self, coarsest: Tensor) -> list[Tensor]:
+        p6 = self.p6(coarsest)
         return [p6, self.p7(F.relu(p6))]
+
+
+# Config strings for the standard blocks, built at the FPN's width; inside the library a TopBlock is passed.
+_TOP_BLOCKS: dict[str, Callable[[int], TopBlock]] = {
+    "maxpool": lambda channels: LastLevelMaxPool(),
+    "p6p7": LastLevelP6P7,
+}
 
 
 class FPN(nn.Module):
     """Top-down feature pyramid with lateral connections.
 
     Args:
-        bottom_up: a backbone returning an ordered dict of features and declaring them with ``output_shape()``
-            (``ResNet(..., out_features=...)``, ``TimmBackbone``). Stored as ``self.body``.
+        bottom_up: a module returning an ordered dict of features and satisfying ``Backbone`` (``output_shape()``
+            and ``size_divisibility``): ``ResNet(..., out_features=...)``, ``TimmBackbone``. Stored as ``self.body``.
         in_features: the bottom-up features to use, finest first. Level names follow the stride:
             stride 2**k gives ``p{k}``.
         out_channels: width of every pyramid level.
-        top_block: "maxpool" adds P6 by max-pooling P5 (Faster/Mask R-CNN: P2-P6); "p6p7" adds P6 and P7 by strided
-            convolutions on P5 and, RetinaNet-style, keeps only levels of stride >= 8 (P3-P7); None adds nothing.
-        norm: None, "GN" or "BN" after every pyramid convolution (torchvision's ``_v2`` detectors use "BN").
+        top_block: a ``TopBlock`` adding levels above the coarsest (``LastLevelMaxPool()``,
+            ``LastLevelP6P7(out_channels)``), None for none, or a shortcut: "maxpool" for ``LastLevelMaxPool``
+            (P6 by max-pooling P5, Faster/Mask R-CNN: P2-P6), "p6p7" for ``LastLevelP6P7`` (P6 and P7 by strided
+            convolutions on P5; RetinaNet-style, only levels of stride >= 8: P3-P7). Stored as ``self.top_block``.
+        norm: None, or the norm after every pyramid convolution as for ``ResNet``: "BN", "FrozenBN", "SyncBN",
+            "GN" (32 groups) or a ``channels -> nn.Module`` callable (torchvision's ``_v2`` detectors use "BN").
         fuse: how a lateral and the upsampled coarser level combine: "sum" (the paper) or "avg".
 
     Example:
@@ -83,19 +152,21 @@ class FPN(nn.Module):
         bottom_up: nn.Module,
         in_features: Sequence[str] = ("c2", "c3", "c4", "c5"),
         out_channels: int = 256,
-        top_block: Optional[str] = "maxpool",
-        norm: Optional[str] = None,
+        top_block: Union[TopBlock, str, None] = "maxpool",
+        norm: Optional[NormSpec] = None,
         fuse: str = "sum",
     ) -> None:
         super().__init__()
-        if top_block not in _TOP_BLOCKS:
-            raise ValueError(f"top_block must be one of {_TOP_BLOCKS}, got {top_block!r}")
-        if norm not in _FPN_NORMS:
-            raise ValueError(f"norm must be one of {tuple(_FPN_NORMS)}, got {norm!r}")
+        if isinstance(top_block, str) and top_block in _TOP_BLOCKS:
+            top_block = _TOP_BLOCKS[top_block](out_channels)
+        elif top_block is not None and not isinstance(top_block, TopBlock):
+            raise ValueError(
+                f"top_block must be one of {(*_TOP_BLOCKS, None)} or a TopBlock module, got {top_block!r}"
+            )
+        norm_layer = None if norm is None else build_norm(norm)
         if fuse not in _FUSES:
             raise ValueError(f"fuse must be one of {_FUSES}, got {fuse!r}")
-        if not hasattr(bottom_up, "output_shape"):
-            raise ValueError("bottom_up must declare its features with output_shape()")
+        check_backbone(bottom_up, "bottom_up")
         available = bottom_up.output_shape()
         in_features = tuple(in_features)
         missing = [f for f in in_features if f not in available]
@@ -107,26 +178,35 @@ class FPN(nn.Module):
         if norm == "GN" and out_channels % 32:
             raise ValueError(f"norm='GN' needs out_channels divisible by 32, got {out_channels}")
 
-        if top_block == "p6p7":  # RetinaNet-style pyramids start at stride 8: a finer input is not used.
-            in_features = tuple(f for f in in_features if available[f].stride >= 8)
-            strides = [available[f].stride for f in in_features]
-            if not in_features:
-                raise ValueError("top_block='p6p7' needs at least one input feature of stride >= 8")
+        # The top block may leave fine inputs unused: RetinaNet-style pyramids start at stride 8.
+        min_stride = top_block.min_input_stride if top_block is not None else 1
+        in_features = tuple(f for f in in_features if available[f].stride >= min_stride)
+        strides = [available[f].stride for f in in_features]
+        if not in_features:
+            raise ValueError(
+                f"top_block {type(top_block).__name__} needs at least one input feature of stride >= {min_stride}"
+            )
+        levels = [ShapeSpec(out_channels, s) for s in strides]
+        if top_block is not None:
+            extra = top_block.output_shape(levels[-1])
+            extra_strides = [levels[-1].stride] + [spec.stride for spec in extra]
+            if any(spec.channels != out_channels for spec in extra) or extra_strides != sorted(set(extra_strides)):
+                raise ValueError(
+                    f"top_block {type(top_block).__name__} must add levels of out_channels={out_channels} channels "
+                    f"and strides above {levels[-1].stride}, coarser and coarser; it declares {extra}"
+                )
+            levels += extra
         self.body = bottom_up
         self.in_features = in_features
         self.out_channels = out_channels
         self.fuse = fuse
-        self.fpn = _Pyramid([available[f].channels for f in in_features], out_channels, norm)
-        self.top_block = _P6P7(out_channels) if top_block == "p6p7" else None
-        self._top_block_name = top_block
+        self.fpn = _Pyramid([available[f].channels for f in in_features], out_channels, norm_layer)
+        self.top_block = top_block
 
-        level_strides = list(strides)
-        if top_block is not None:
-            level_strides += [strides[-1] * 2] + ([strides[-1] * 4] if top_block == "p6p7" else [])
-        self._shapes = OrderedDict((f"p{int(math.log2(s))}", ShapeSpec(out_channels, s)) for s in level_strides)
-        # Batches are padded to a multiple of the coarsest input stride (32 for ResNet, torchvision's value);
-        # the extra levels cope with any size.
-        self.size_divisibility = strides[-1]
+        self._shapes = OrderedDict((f"p{int(math.log2(spec.stride))}", spec) for spec in levels)
+        # Batches are padded to a multiple of the coarsest input stride (32 for ResNet, torchvision's value) and of
+        # the bottom-up model's own requirement; the extra levels cope with any size.
+        self.size_divisibility = math.lcm(strides[-1], bottom_up.size_divisibility or 1)
 
     def output_shape(self) -> dict[str, ShapeSpec]:
         """``{"p2": ShapeSpec(out_channels, 4), ...}`` for every returned level."""
@@ -146,8 +226,6 @@ class FPN(nn.Module):
             top_down = lateral + upsampled if self.fuse == "sum" else (lateral + upsampled) * 0.5
             outputs.insert(0, layer[i](top_down))
 
-        if self._top_block_name == "maxpool":
-            outputs.append(F.max_pool2d(outputs[-1], kernel_size=1, stride=2))
-        elif self.top_block is not None:
+        if self.top_block is not None:
             outputs.extend(self.top_block(outputs[-1]))
         return OrderedDict(zip(self._shapes, outputs))

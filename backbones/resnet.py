@@ -272,6 +272,9 @@ class ResNet(nn.Module):
         ShapeSpec(channels=2048, stride=32)
     """
 
+    # Any input size works (the convolutions pad); the FPN over it sets the padding for aligned levels.
+    size_divisibility: int = 0
+
     def __init__(
         self,
         depth: int,

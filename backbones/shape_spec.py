@@ -1,5 +1,5 @@
-"""The shape a backbone declares for each feature it returns, and the check of what it is given."""
-from typing import NamedTuple, Optional
+"""The shape a backbone declares for each feature it returns, the ``Backbone`` protocol, and the input check."""
+from typing import NamedTuple, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -9,6 +9,43 @@ class ShapeSpec(NamedTuple):
 
     channels: int
     stride: int
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """What a feature extractor declares to the modules built over it (``FPN``, the detectors).
+
+    ``ResNet(out_features=...)``, ``TimmBackbone`` and ``FPN`` satisfy it; any module that returns an ordered dict
+    of feature maps and has these two members can take their place.
+
+    Attributes:
+        size_divisibility: input height and width should be multiples of it (detection batches are padded to it);
+            0 when any size works.
+    """
+
+    size_divisibility: int
+
+    def output_shape(self) -> dict[str, ShapeSpec]:
+        """Channels and stride of every returned feature, by name, in the order of the returned dict."""
+        ...
+
+
+def check_backbone(module: object, name: str) -> None:
+    """Raise ``ValueError`` naming what ``module`` (passed as argument ``name``) lacks of the ``Backbone`` protocol."""
+    if isinstance(module, Backbone) and callable(module.output_shape):
+        return
+    missing = [
+        member
+        for member, present in (
+            ("output_shape()", callable(getattr(module, "output_shape", None))),
+            ("size_divisibility", hasattr(module, "size_divisibility")),
+        )
+        if not present
+    ]
+    raise ValueError(
+        f"{name} must satisfy backbones.Backbone (output_shape() -> dict[str, ShapeSpec] declaring its features, "
+        f"and size_divisibility: int); {type(module).__name__} lacks {' and '.join(missing)}"
+    )
 
 
 def check_image_batch(x: torch.Tensor, channels: Optional[int], dtype: torch.dtype, who: str) -> None:

@@ -31,6 +31,10 @@ class TimmBackbone(nn.Module):
         768
     """
 
+    # No padding requirement of its own (models with a fixed input size check it themselves); the FPN over it
+    # sets the padding for aligned levels.
+    size_divisibility: int = 0
+
     def __init__(
         self,
         model_name: str,

@@ -14,6 +14,7 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 
+from backbones.shape_spec import check_backbone
 from heads.inputs import check_images, check_targets
 from heads.ops import MultiScaleRoIAlign
 from heads.postprocess import BatchedGeneralizedRCNNTransform, BatchedRegionProposalNetwork, BatchedRoIHeads
@@ -69,10 +70,11 @@ class ClassAgnosticBoxPredictor(nn.Module):
 
 def _feature_levels(backbone: nn.Module) -> dict[str, int]:
     """Name -> stride of every feature map the backbone returns, read from its ``output_shape()``."""
-    if not hasattr(backbone, "out_channels") or not callable(getattr(backbone, "output_shape", None)):
+    check_backbone(backbone, "backbone")
+    if not isinstance(getattr(backbone, "out_channels", None), int):
         raise ValueError(
-            "backbone must expose `out_channels` and `output_shape()` (e.g. backbones.FPN over a ResNet or "
-            f"TimmBackbone), got {type(backbone).__name__}"
+            "backbone must declare the width of its feature maps as `out_channels: int` (e.g. backbones.FPN over a "
+            f"ResNet or TimmBackbone), got {type(backbone).__name__} without it"
         )
     shapes = backbone.output_shape()
     if not shapes:
@@ -98,8 +100,9 @@ class FasterRCNN(GeneralizedRCNN):
     per image with ``boxes`` (N×4 xyxy, input pixels), ``labels`` and ``scores``.
 
     Args:
-        backbone: module mapping an N×3×H×W batch to an ordered dict of feature maps, with ``out_channels`` and
-            ``output_shape()`` (e.g. ``backbones.FPN``); its ``size_divisibility`` (default 32) sets batch padding.
+        backbone: module mapping an N×3×H×W batch to an ordered dict of feature maps, satisfying
+            ``backbones.Backbone`` and with ``out_channels`` (e.g. ``backbones.FPN``); its ``size_divisibility``
+            sets batch padding.
         num_classes: number of classes including background (91 for COCO in torchvision's numbering).
         variant: default heads: "v1" (1-conv RPN head, two-FC box head) or "v2" (2-conv RPN head, 4 conv + BN +
             1 FC box head), as torchvision's ``fasterrcnn_resnet50_fpn`` and ``_v2``; pair "v2" with an FPN
@@ -226,7 +229,7 @@ class FasterRCNN(GeneralizedRCNN):
             max_size,
             list(image_mean) if image_mean is not None else [0.485, 0.456, 0.406],
             list(image_std) if image_std is not None else [0.229, 0.224, 0.225],
-            size_divisible=size_divisibility or getattr(backbone, "size_divisibility", 32),
+            size_divisible=size_divisibility or backbone.size_divisibility or 1,
         )
         super().__init__(backbone, rpn, roi_heads, transform)
         self.num_classes = num_classes
