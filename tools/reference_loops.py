@@ -175,8 +175,11 @@ def run_det(train_images: str | Path, train_ann: str | Path, val_images: str | P
             detector: str = "mask_rcnn", iters: int = 300, lr: float = 0.01, batch_size: int = 4,
             min_size: int = 224, max_size: int = 320, box_batch_size_per_image: int = 128,
             detector_options: dict[str, Any] | None = None, workers: int = 0, seed: int = 0,
-            log_every: int = 20) -> dict[str, Any]:
+            warmup_iters: int = 0, log_every: int = 20) -> dict[str, Any]:
     """Train torchvision's detector for ``iters`` iterations, then evaluate on the val set.
+
+    ``warmup_iters``: linear warmup from lr/1000, as torchvision's detection reference script does in its
+    first epoch (there ``min(1000, iterations per epoch - 1)``); 0 = constant lr from the first iteration.
 
     ``detector_options`` are handed to torchvision's constructor (see :func:`build_detector`).
 
@@ -197,6 +200,8 @@ def run_det(train_images: str | Path, train_ann: str | Path, val_images: str | P
                            detector_options)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
+    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-3, total_iters=warmup_iters) \
+        if warmup_iters > 0 else None
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=workers,
                         collate_fn=collate_list, drop_last=len(train_set) >= batch_size,
                         generator=torch.Generator().manual_seed(seed))
@@ -217,6 +222,8 @@ def run_det(train_images: str | Path, train_ann: str | Path, val_images: str | P
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if warmup is not None:
+            warmup.step()
         times.append(time.perf_counter() - tick)
         losses.append(loss.item())
         if iteration % log_every == 0 or iteration == iters - 1:
@@ -238,7 +245,8 @@ def run_det(train_images: str | Path, train_ann: str | Path, val_images: str | P
         "train_s": train_s, "eval_s": total_s - train_s, "total_s": total_s,
         "final_loss": statistics.fmean(losses[-_LOSS_WINDOW:]) if losses else None,
         "diverged": diverged, "iters_done": len(losses),
-        "settings": {"detector": detector, "iters": iters, "lr": lr, "batch_size": batch_size,
+        "settings": {"detector": detector, "iters": iters, "lr": lr, "warmup_iters": warmup_iters,
+                     "batch_size": batch_size,
                      "min_size": min_size, "max_size": max_size,
                      "box_batch_size_per_image": box_batch_size_per_image,
                      "detector_options": detector_options or {}, "seed": seed,
@@ -356,6 +364,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     det.add_argument("--min-size", type=int, default=224)
     det.add_argument("--max-size", type=int, default=320)
     det.add_argument("--box-batch-size-per-image", type=int, default=128)
+    det.add_argument("--warmup-iters", type=int, default=0,
+                     help="linear warmup from lr/1000 (torchvision's reference script: min(1000, iterations per "
+                          "epoch - 1)); default 0: constant lr")
     det.add_argument("--detector-option", action="append", default=[], metavar="KEY=VALUE",
                      help="another keyword of torchvision's MaskRCNN/FasterRCNN, value as JSON "
                           "(e.g. box_detections_per_img=50); repeatable")
@@ -399,7 +410,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          min_size=args.min_size, max_size=args.max_size,
                          box_batch_size_per_image=args.box_batch_size_per_image,
                          detector_options=_parse_options(args.detector_option), workers=args.workers,
-                         seed=args.seed)
+                         seed=args.seed, warmup_iters=args.warmup_iters)
     else:
         report = run_cls(args.data, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
                          batch_size=args.batch_size, image_size=args.image_size, workers=args.workers,

@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,47 +106,63 @@ def cls_data_stats(train_dir: str | Path, sample: int = 64) -> ClsDataStats:
                         median_short_side=statistics.median(sides) if sides else 224.0)
 
 
-def det_recipe(stats: DetDataStats, batch_size: int, world_size: int = 1) -> tuple[dict[str, Any], list[str]]:
-    """Config values for a detection set (over the 1x defaults of ``DetTrainConfig``) and why.
+def _workers() -> int:
+    """Loader processes: none on a machine of 2 cores or fewer, where they would take cores from the compute threads;
+    else up to 4, leaving half the cores to compute."""
+    cores = os.cpu_count() or 1
+    return 0 if cores <= 2 else min(4, cores // 2)
+
+
+def det_recipe(stats: DetDataStats, batch_size: int, world_size: int = 1) -> tuple[dict[str, Any], dict[str, str]]:
+    """Config values for a detection set (over the 1x defaults of ``DetTrainConfig``) and, per key, why.
 
     - ``iters``: 12 epochs at the run's total batch (1x on COCO is 12.3), at least 1000.
     - ``min_sizes``/``max_size``: sets whose images are smaller than COCO's train near their own size
       (multi-scale 0.8-1.0 of the median shorter side, test at that side; max side 5/3 of it, as 800/1333)
       instead of upsampling them to 800 px.
     - ``detector_options.box_batch_size_per_image``: 128 on small sets, 512 (the default) on large ones.
+    - ``workers``: loader processes for this machine (:func:`_workers`).
     """
     values: dict[str, Any] = {}
-    reasons: list[str] = []
+    reasons: dict[str, str] = {}
     epoch_iters = max(1, stats.num_images // (batch_size * world_size))
     values["iters"] = max(1000, DET_EPOCHS * epoch_iters)
-    reasons.append(f"iters {values['iters']}: {DET_EPOCHS} epochs of {stats.num_images} images at "
-                   f"{batch_size * world_size} per iteration (at least 1000)")
+    reasons["iters"] = (f"iters {values['iters']}: {DET_EPOCHS} epochs of {stats.num_images} images at "
+                        f"{batch_size * world_size} per iteration (at least 1000)")
     if stats.median_short_side < 0.8 * _COCO_TEST_SIZE:
         test = _round_to(stats.median_short_side, 32)
         values["min_sizes"] = sorted({_round_to(test * f, 32) for f in (0.8, 0.85, 0.9, 0.95, 1.0)})
         values["max_size"] = _round_to(test * _COCO_MAX_SIZE / _COCO_TEST_SIZE, 32)
-        reasons.append(f"image sizes {values['min_sizes']} (max {values['max_size']}): the images' median shorter "
-                       f"side is {stats.median_short_side:.0f} px, not upsampled to COCO's 800")
+        reasons["min_sizes"] = (f"image sizes {values['min_sizes']}: the images' median shorter side is "
+                                f"{stats.median_short_side:.0f} px, not upsampled to COCO's 800")
+        reasons["max_size"] = f"max image side {values['max_size']}: 5/3 of the test size, as 1333 of 800"
     if stats.num_images < SMALL_DET_SET:
         values["detector_options"] = {"box_batch_size_per_image": 128}
-        reasons.append(f"128 sampled RoIs per image: a small set ({stats.num_images} < {SMALL_DET_SET} images, "
-                       f"{stats.objects_per_image:.1f} objects per image)")
+        reasons["detector_options"] = (f"128 sampled RoIs per image: a small set ({stats.num_images} < "
+                                       f"{SMALL_DET_SET} images, {stats.objects_per_image:.1f} objects per image)")
+    values["workers"] = _workers()
+    reasons["workers"] = f"{values['workers']} loader processes on {os.cpu_count()} cores"
     return values, reasons
 
 
-def cls_recipe(stats: ClsDataStats) -> tuple[Path, dict[str, Any], list[str]]:
-    """``(recipe YAML, config values over it, reasons)`` for a classification set.
+def cls_recipe(stats: ClsDataStats) -> tuple[Path, dict[str, Any], dict[str, str]]:
+    """``(recipe YAML, config values over it, why per key)`` for a classification set.
 
     ImageNet-sized sets (at least ``LARGE_CLS_SET`` images of 128 px or more) get the V1 recipe
     (``configs/cls/resnet50_v1.yaml``); all others ``configs/cls/small_set.yaml`` (AdamW, cosine with
     warmup, label smoothing, milder crops) at an image size near their own (median shorter side,
     multiple of 16, 32-224 px).
     """
+    workers = {"workers": _workers()}
+    why_workers = {"workers": f"{workers['workers']} loader processes on {os.cpu_count()} cores"}
     if stats.num_images >= LARGE_CLS_SET and stats.median_short_side >= 128:
-        return (_CLS_RECIPES / "resnet50_v1.yaml", {},
-                [f"recipe resnet50_v1.yaml: an ImageNet-sized set ({stats.num_images} images)"])
+        return (_CLS_RECIPES / "resnet50_v1.yaml", workers,
+                {"config": f"recipe resnet50_v1.yaml: an ImageNet-sized set ({stats.num_images} images)",
+                 **why_workers})
     size = min(224, max(32, _round_to(stats.median_short_side, 16)))
-    reasons = [f"recipe small_set.yaml: {stats.num_images} images in {stats.num_classes} classes "
-               f"(fewer than {LARGE_CLS_SET}, or smaller than 128 px)",
-               f"image size {size}: the images' median shorter side is {stats.median_short_side:.0f} px"]
-    return _CLS_RECIPES / "small_set.yaml", {"image_size": size}, reasons
+    reasons = {"config": f"recipe small_set.yaml: {stats.num_images} images in {stats.num_classes} classes "
+                         f"(fewer than {LARGE_CLS_SET}, or smaller than 128 px)",
+               "image_size": f"image size {size}: the images' median shorter side is "
+                             f"{stats.median_short_side:.0f} px",
+               **why_workers}
+    return _CLS_RECIPES / "small_set.yaml", {"image_size": size, **workers}, reasons
