@@ -391,6 +391,20 @@ def _sixteen_bit(image):
     return Image.fromarray(gray)  # mode I;16
 
 
+def _gray(image, scale=1.0, dtype=np.float32):
+    return (np.asarray(image.convert("L"), dtype=np.float64) * scale).astype(dtype)
+
+
+def _wide(scale, dtype, fmt="TIFF", poison=None):
+    """A float (mode F) or 32-bit integer (mode I) grayscale file; ``poison`` sets one pixel."""
+    def write(path, image):
+        values = _gray(image, scale, dtype)
+        if poison is not None:
+            values[1, 1] = poison
+        Image.fromarray(values).save(path, format=fmt)
+    return write
+
+
 IMAGE_CASES = {
     "truncated_jpeg": (_write_truncated, "error"),
     "zero_bytes": (_write_zero, "error"),
@@ -401,6 +415,15 @@ IMAGE_CASES = {
     "rgba": (_save("RGBA", "PNG"), "ok"),
     "palette": (_save("P", "PNG"), "ok"),
     "sixteen_bit_png": (_save(None, "PNG", _sixteen_bit), "ok"),
+    # 32-bit and float pixels: PIL's own conversion clips them to 0..255 (floats in [0, 1] came out black)
+    "float_unit_range": (_wide(1 / 255, np.float32), "ok"),
+    "float_byte_range": (_wide(1.0, np.float32), "ok"),
+    "float_nan": (_wide(1 / 255, np.float32, poison=math.nan), "error"),
+    "float_inf": (_wide(1 / 255, np.float32, poison=math.inf), "error"),
+    "float_out_of_range": (_wide(1.0, np.float32, poison=-1e6), "error"),
+    "int32_sixteen_bit_range": (_wide(257, np.int32), "ok"),
+    "int32_beyond_sixteen_bits": (_wide(257, np.int32, poison=2**24), "error"),
+    "int32_negative": (_wide(257, np.int32, poison=-5), "error"),
     "wrong_size": (lambda path, image: image.resize((image.width + 3, image.height)).save(path, "JPEG"), "size"),
 }
 
@@ -427,6 +450,30 @@ def test_image_mutation(name, tmp_path, base, caplog):
     image, _ = ds[ds.ids.index(img["id"])]
     reference = torch.from_numpy(np.asarray(original.convert("L"), dtype=np.float32) / 255)
     assert (image.mean(0) - reference).abs().mean() < 0.1  # the right picture, scaled to [0, 1]
+
+
+def test_pixel_limit_checked_before_decoding(tmp_path, base, monkeypatch):
+    root, data = _prepare(tmp_path, base)
+    img = _annotated_image(data)
+    ann_file = tmp_path / "ann.json"
+    ann_file.write_text(json.dumps(data))
+    ds = CocoDetection(root, ann_file)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", img["width"] * img["height"] - 1)
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded an image over the pixel limit"))
+    with pytest.raises(ValueError, match="over the decompression-bomb limit PIL.Image.MAX_IMAGE_PIXELS") as info:
+        ds[ds.ids.index(img["id"])]
+    assert str(root / img["file_name"]) in str(info.value)
+
+
+def test_masks_stay_zero_one_through_the_training_transforms(base):
+    from tools.engine.coco_data import build_det_transforms
+
+    images, data = base
+    ds = CocoDetection(images, images.parent / "annotations" / "instances_train.json",
+                       build_det_transforms(True, min_sizes=(37, 101), max_size=160, hflip_prob=0.5))
+    for index in range(len(ds)):
+        _, target = ds[index]
+        assert target["masks"].dtype == torch.uint8 and set(target["masks"].unique().tolist()) <= {0, 1}
 
 
 def test_annotation_ids_from_zero_still_match_in_evaluation(tmp_path, base):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -174,3 +175,54 @@ def test_half_written_metrics_line_does_not_fail_a_finished_run(tmp_path):
         logger.log(step=3, loss=1.0)
     assert [r["step"] for r in read_metrics(log)] == [1, 3]
     assert plot_curves(log, tmp_path / "curves.png", ["loss"]).is_file()
+
+
+# ----------------------------------------------------------------------------- unreadable images
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_unreadable_training_image_named_by_train_det(workers, coco, tmp_path, capsys):
+    images = Path(shutil.copytree(coco["train_images"], tmp_path / "train"))
+    for path in images.iterdir():
+        path.write_bytes(b"")  # every one, so that the first batch meets one
+    config = tmp_path / "det.yaml"
+    config.write_text(yaml.safe_dump({**DET_TINY, **coco, "train_images": str(images), "workers": workers}))
+    line = _run("train_det", ["--config", str(config), "--output-dir", str(tmp_path / "out")], capsys)
+    assert "cannot read image" in line and str(images) in line
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_unreadable_training_image_named_by_train_cls(workers, imagefolder, cls_yaml, tmp_path, capsys):
+    data = Path(shutil.copytree(imagefolder, tmp_path / "data"))
+    for path in (data / "train").rglob("*.*"):
+        path.write_text("not an image")
+    line = _run("train_cls", ["--config", str(cls_yaml), "--data", str(data), "--workers", str(workers),
+                              "--output-dir", str(tmp_path / "out")], capsys)
+    assert "cannot read image" in line and str(data / "train") in line and "--skip-bad-images" in line
+
+
+def test_skipping_never_leaves_a_training_batch_of_one():
+    from tools.engine.cls_train import collate_skipping_none
+
+    sample = (torch.zeros(3, 4, 4), 1)
+    assert collate_skipping_none([None, sample]) == (None, None, 2)  # BatchNorm would fail on one image
+    images, targets, skipped = collate_skipping_none([None, sample, sample])
+    assert images.shape[0] == 2 and skipped == 1
+    images, _, skipped = collate_skipping_none([sample])  # a batch of one that lost nothing is left alone
+    assert images.shape[0] == 1 and skipped == 0
+    images, _, skipped = collate_skipping_none([None, sample], min_images=1)  # evaluation keeps it
+    assert images.shape[0] == 1 and skipped == 1
+
+
+def test_float_and_32_bit_images_read_as_their_8_bit_picture(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from tools.engine.images import read_rgb_array, read_rgb_image
+
+    gray = np.arange(40 * 30, dtype=np.uint8).reshape(30, 40)
+    Image.fromarray(gray / np.float32(255)).save(tmp_path / "unit.tif")
+    Image.fromarray(gray.astype(np.int32) * 257).save(tmp_path / "wide.tif")
+    for name in ("unit.tif", "wide.tif"):
+        assert np.array_equal(np.asarray(read_rgb_image(tmp_path / name))[:, :, 1], gray)
+        assert np.allclose(read_rgb_array(tmp_path / name)[:, :, 0], gray / 255, atol=1e-6)

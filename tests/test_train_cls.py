@@ -234,7 +234,7 @@ def test_unreadable_image_named_or_skipped(tiny_shapes, tmp_path):
     bad.write_bytes(b"\xff\xd8 this is not a jpeg")
     train_set, _, _ = build_datasets(root, ClsTrainConfig(image_size=32))
     index = [p for p, _ in train_set.samples].index(str(bad))
-    with pytest.raises(RuntimeError, match="broken.JPEG"):
+    with pytest.raises(ValueError, match="broken.JPEG"):
         train_set[index]
     skip_set, _, _ = build_datasets(root, ClsTrainConfig(image_size=32, skip_bad_images=True))
     batches = list(DataLoader(skip_set, batch_size=len(skip_set), collate_fn=collate_skipping_none))

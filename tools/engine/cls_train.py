@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -67,6 +68,7 @@ from tools.engine.distributed import (
     reduce_dict,
 )
 from tools.engine.faults import crash_point
+from tools.engine.images import read_rgb_image
 from tools.engine.logger import MetricLogger, progress
 from tools.engine.plots import plot_curves
 from tools.engine.recovery import DivergenceGuard
@@ -207,32 +209,39 @@ def build_model(name: str, num_classes: int, options: dict[str, Any] | None = No
 
 
 class _CheckedImageFolder(ImageFolder):
-    """ImageFolder that names unreadable images, or yields ``None`` for them when skipping."""
+    """ImageFolder that reads every pixel format (:func:`tools.engine.images.read_rgb_image`) and names
+    unreadable images in a ValueError, or yields ``None`` for them when skipping."""
 
     def __init__(self, root: str | Path, transform: Any, skip_bad_images: bool) -> None:
-        super().__init__(str(root), transform=transform)
+        super().__init__(str(root), transform=transform, loader=read_rgb_image)
         self.skip_bad_images = skip_bad_images
 
     def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
         path, target = self.samples[index]
         try:
             image = self.loader(path)
-        except (OSError, ValueError, SyntaxError) as e:  # PIL's ways of saying "not an image"
+        except (OSError, ValueError) as e:  # read_rgb_image names the file
             if self.skip_bad_images:
                 logger.warning("skipping unreadable image %s: %s", path, e)
                 return None
-            raise RuntimeError(
-                f"unreadable image {path}: {e}. Fix or delete it, or pass --skip-bad-images"
-            ) from e
+            raise ValueError(f"{e}. Fix or delete it, or pass --skip-bad-images") from None
         if self.transform is not None:
             image = self.transform(image)
         return image, target
 
 
-def collate_skipping_none(batch: list[tuple[Tensor, int] | None]) -> tuple[Tensor | None, Tensor | None, int]:
-    """``(images, targets, number of skipped images)``; images is None if the whole batch was skipped."""
+def collate_skipping_none(
+    batch: list[tuple[Tensor, int] | None], min_images: int = 2
+) -> tuple[Tensor | None, Tensor | None, int]:
+    """``(images, targets, number of skipped images)``; images is None if the whole batch was skipped.
+
+    A batch that skipping shrank below ``min_images`` is skipped whole (its images counted as skipped):
+    training BatchNorm fails on a batch of one image once the feature maps are 1x1. Evaluation passes 1.
+    """
     good = [b for b in batch if b is not None]
     skipped = len(batch) - len(good)
+    if skipped and len(good) < min_images:
+        good, skipped = [], len(batch)
     if not good:
         return None, None, skipped
     images, targets = default_collate(good)
@@ -323,7 +332,7 @@ def _eval_loader(dataset: Dataset, batch_size: int, workers: int, rank: int, wor
         batch_size=batch_size,
         sampler=_ShardSampler(len(dataset), rank, world_size),
         num_workers=workers,
-        collate_fn=collate_skipping_none,
+        collate_fn=functools.partial(collate_skipping_none, min_images=1),
         # Own generator: creating the iterator must not draw from the global RNG (exact resume).
         generator=torch.Generator().manual_seed(0),
     )

@@ -34,12 +34,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+
+from tools.engine.images import read_rgb_array
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +52,6 @@ DROP_REASONS: tuple[str, ...] = (
     "no_segmentation",  # with_masks=True but the annotation has no segmentation
     "empty_image",      # image without training annotations, only with drop_empty=True
 )
-
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 # Ids are stored and compared as int64 (numpy, torch, pycocotools' evaluation).
 _INT64_MAX = 2**63 - 1
@@ -191,27 +190,17 @@ class _Record:
 def load_rgb_image(path: str | Path) -> torch.Tensor:
     """Decode an image file into a float32 ``3 x H x W`` tensor in [0, 1].
 
-    Grayscale, palette, CMYK, RGBA and 16-bit images are converted to RGB (alpha is
-    dropped, 16-bit values are scaled by 1/65535). The file's extension is ignored:
-    the content decides. EXIF orientation is not applied, matching COCO's width/height.
+    Grayscale, palette, CMYK, RGBA, 16-bit, 32-bit integer and float images are converted to RGB
+    (alpha is dropped; see :mod:`tools.engine.images` for how wide pixel types are scaled). The
+    file's extension is ignored: the content decides. EXIF orientation is not applied, matching
+    COCO's width/height. The pixel count is checked against ``PIL.Image.MAX_IMAGE_PIXELS`` before
+    decoding.
 
     Raises:
         FileNotFoundError / OSError: naming ``path`` for missing, empty, truncated or non-image files.
+        ValueError: naming ``path`` for images over the pixel limit or with pixel values no scale fits.
     """
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in _SIXTEEN_BIT_MODES:
-                gray = np.asarray(img, dtype=np.float32) / 65535.0
-                array = np.repeat(np.clip(gray, 0.0, 1.0)[:, :, None], 3, axis=2)
-            else:
-                array = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image file not found: {path}") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        # PIL signals corrupt files with several exception types; name the file in one.
-        raise OSError(f"cannot read image {path}: {err}") from err
+    array = read_rgb_array(path)
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 

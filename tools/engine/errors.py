@@ -44,6 +44,13 @@ def error_line(error: BaseException) -> str:
 
 
 def report(error: BaseException) -> int:
-    """Print ``error: <message>`` on stderr as one line; returns 2, the exit status of a usage error."""
+    """Print ``error: <message>`` on stderr as one line; returns 2, the exit status of a usage error.
+
+    Progress bars the error interrupted are closed first, so that the message starts a line of its own.
+    """
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
     print(f"error: {error_line(error)}", file=sys.stderr)
     return 2
