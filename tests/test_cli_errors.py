@@ -226,3 +226,43 @@ def test_float_and_32_bit_images_read_as_their_8_bit_picture(tmp_path):
     for name in ("unit.tif", "wide.tif"):
         assert np.array_equal(np.asarray(read_rgb_image(tmp_path / name))[:, :, 1], gray)
         assert np.allclose(read_rgb_array(tmp_path / name)[:, :, 0], gray / 255, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- infer never overwrites
+
+
+@pytest.fixture(scope="module")
+def det_weights(coco, tmp_path_factory) -> Path:
+    """An untrained tiny detector with its model spec, as the tools write it."""
+    from tools.engine.checkpoint import export_weights
+    from tools.engine.config import load_config
+    from tools.engine.det_train import DetTrainConfig, build_model, model_spec
+
+    spec = model_spec(load_config(DetTrainConfig, None, DET_TINY), num_classes=4)
+    return export_weights(build_model(spec), tmp_path_factory.mktemp("w") / "det.safetensors",
+                          metadata={"model_spec": json.dumps(spec)})
+
+
+def test_infer_never_writes_over_an_input_or_an_existing_file(coco, det_weights, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    source = next(Path(coco["val_images"]).iterdir())
+    inside = out / "photo.png"  # an input inside --output-dir, named as its output would be
+    inside.write_bytes(source.read_bytes())  # a JPEG named .png: the content decides
+    elsewhere = tmp_path / "photo.jpg"  # same stem, other folder
+    elsewhere.write_bytes(source.read_bytes())
+    old_json = out / "detections.json"
+    old_json.write_text("an earlier run's results\n")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    argv = [str(inside), str(elsewhere), "--weights", str(det_weights), "--output-dir", str(out),
+            "--score-thresh", "0"]
+    assert infer.main(argv) == 0
+    assert infer.main(argv) == 0  # a second run next to the first
+    capsys.readouterr()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in before} == before  # nothing replaced
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["photo.png", "photo_1.png", "photo_2.png", "photo_3.png", "photo_4.png",
+         "detections.json", "detections_1.json", "detections_2.json"])
+    records = json.loads((out / "detections_1.json").read_text())
+    assert [r["output"] for r in records] == [str(out / "photo_1.png"), str(out / "photo_2.png")]

@@ -837,6 +837,11 @@ def infer_images(
     Returns the JSON content: per image ``{"image", "output", "detections": [{"box" (xyxy),
     "score", "label", "category_id", "category_name"}]}`` for detections scoring ``>= score_thresh``.
     ``bf16`` / ``compile``: run through :func:`backbones.optimize_for_inference` with those options.
+
+    Nothing that exists is ever written over, inputs included: a name already taken (by an input
+    inside ``OUTPUT_DIR``, an earlier run's output, another image of the same name) gets the first
+    free suffix, ``<stem>_1.png``, ``<stem>_2.png``, ... (``detections_1.json``, ...); each record's
+    ``"output"`` and the returned list say which file is whose.
     """
     if not 0.0 <= score_thresh <= 1.0:
         raise ValueError(f"score_thresh must be in [0, 1], got {score_thresh}")
@@ -850,7 +855,6 @@ def infer_images(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = []
-    used_names: set[str] = set()
     for image_path in images:
         image_path = Path(image_path)
         image = load_rgb_image(image_path)
@@ -858,11 +862,7 @@ def infer_images(
             det = model([image.to(dev)])[0]
         keep = det["scores"] >= score_thresh
         det = {k: v[keep].cpu() for k, v in det.items()}
-        stem = image_path.stem
-        while stem in used_names:  # same file name from two folders
-            stem += "_"
-        used_names.add(stem)
-        png = out / f"{stem}.png"
+        png = _new_file(out, image_path.stem, ".png")
         save_grid([draw_detections(image, det, names, score_thresh)], png)
         detections = []
         for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()):
@@ -874,5 +874,21 @@ def infer_images(
                 "category_name": names[label - 1] if names and 0 < label <= len(names) else str(label),
             })
         records.append({"image": str(image_path), "output": str(png), "detections": detections})
-    (out / "detections.json").write_text(json.dumps(records, indent=2) + "\n")
+    _new_file(out, "detections", ".json").write_text(json.dumps(records, indent=2) + "\n")
     return records
+
+
+def _new_file(folder: Path, stem: str, suffix: str) -> Path:
+    """Create and return ``folder/<stem><suffix>``, or the first of ``<stem>_1<suffix>``, ... that does not exist.
+
+    Created with O_EXCL, so an existing file (an input, an earlier run's output) or a link is never written
+    through, even if it appears while the names are tried.
+    """
+    path, k = folder / f"{stem}{suffix}", 0
+    while True:
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return path
+        except FileExistsError:
+            k += 1
+            path = folder / f"{stem}_{k}{suffix}"
