@@ -266,3 +266,80 @@ def test_infer_never_writes_over_an_input_or_an_existing_file(coco, det_weights,
          "detections.json", "detections_1.json", "detections_2.json"])
     records = json.loads((out / "detections_1.json").read_text())
     assert [r["output"] for r in records] == [str(out / "photo_1.png"), str(out / "photo_2.png")]
+
+
+# ----------------------------------------------------------------------------- configs and stored model specs
+
+
+@pytest.mark.parametrize("text,named", [
+    ("iters: 1\nsteps: [1, 2\nlr: 0.1\n", "line 3"),
+    ("lr: !!python/object/apply:os.getcwd []\n", "line 1"),
+    ("lr: -1\n", "'lr'"),
+    ("momentum: 1.5\n", "'momentum'"),
+    ("dist_timeout_s: .nan\n", "'dist_timeout_s'"),
+    ("backbone_options: {depht: 18}\n", "'depht'"),
+])
+def test_bad_config_is_one_line_naming_file_and_key(text, named, tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    for tool in ("train_det", "train_cls"):
+        if tool == "train_cls" and "backbone_options" in text:
+            continue
+        line = _run(tool, ["--config", str(path), "--output-dir", str(tmp_path / "out")], capsys)
+        assert str(path) in line and named in line
+
+
+@pytest.mark.parametrize("change,named", [
+    ({"backbone": "timm:resnet18", "backbone_options": {"pretrained_cfg_overlay": {"file": "/etc/hostname"}}},
+     "'pretrained_cfg_overlay'"),
+    ({"backbone": "timm:resnet18", "backbone_options": {"checkpoint_path": "/etc/hostname"}}, "'checkpoint_path'"),
+    ({"options": {"min_size": 48, "rpn_head": "conv"}}, "'rpn_head'"),
+    ({"fpn_options": {"out_channels": "many"}}, "fpn_options.out_channels"),
+    ({"num_classes": -3}, "num_classes"),
+    ({"extra": 1}, "'extra'"),
+])
+def test_stored_model_spec_checked_like_a_config(change, named, det_weights, coco, tmp_path, capsys):
+    from safetensors import safe_open
+    from tools.engine.checkpoint import export_weights, load_checkpoint
+
+    with safe_open(str(det_weights), framework="pt") as f:
+        metadata = f.metadata()
+    spec = {**json.loads(metadata["model_spec"]), **change}
+    forged = export_weights(load_checkpoint(det_weights), tmp_path / "forged.safetensors",
+                            metadata={**metadata, "model_spec": json.dumps(spec)})
+    for tool, argv in (("eval_coco", ["--val-images", coco["val_images"], "--val-ann", coco["val_ann"],
+                                      "--output-dir", str(tmp_path / "out"), "--workers", "0"]),
+                       ("infer", [coco["val_images"] + "/000000.jpg", "--output-dir", str(tmp_path / "out")])):
+        line = _run(tool, ["--weights", str(forged), *argv], capsys)
+        assert str(forged) in line and named in line
+
+
+def test_stored_classifier_settings_checked_like_a_config(imagefolder, tmp_path, capsys):
+    from tools.engine.cls_train import build_model
+
+    model = build_model("resnet18", 2, {"base_channels": 8})
+    base = {"model": model.state_dict(), "model_name": "resnet18", "model_options": {"base_channels": 8},
+            "class_names": ["circle", "rectangle"]}
+    for change, named in (({"model_options": {"base_channels": 8, "depht": 3}}, "'depht'"),
+                          ({"crop_pct": 5.0}, "'crop_pct'"), ({"image_size": -1}, "'image_size'"),
+                          ({"model_name": "resnet18; rm"}, "unknown model")):
+        path = tmp_path / "forged.pth"
+        torch.save({**base, **change}, path)
+        line = _run("eval_cls", ["--weights", str(path), "--data", str(imagefolder), "--workers", "0"], capsys)
+        assert str(path) in line and named in line
+
+
+@pytest.mark.parametrize("segmentation,named", [
+    ({"size": [48, 48], "counts": [0, 2304]}, "compressed RLE"),  # was a TypeError from pycocotools
+    ({"size": [10, 10], "counts": "PPP"}, "not a valid RLE of image id"),  # was scored as it was
+    ({"size": [10**9, 10**9], "counts": "0"}, "not a valid RLE of image id"),
+    ({"size": [48, 48], "counts": "\x7f\x7f"}, "not a valid RLE of image id"),
+])
+def test_results_file_with_bad_masks_is_one_line(segmentation, named, coco, tmp_path, capsys):
+    ann = json.loads(Path(coco["val_ann"]).read_text())["annotations"][0]
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([{"image_id": ann["image_id"], "category_id": ann["category_id"],
+                                    "bbox": ann["bbox"], "score": 0.9, "segmentation": segmentation}]))
+    line = _run("eval_coco", ["--results", str(results), "--val-ann", coco["val_ann"], "--output-dir",
+                              str(tmp_path / "out")], capsys)
+    assert str(results) in line and named in line

@@ -162,3 +162,82 @@ def test_epochs_override_moves_milestones():
     # Explicit milestones are left alone.
     cfg, _ = build_config(REPO / "configs" / "cls" / "resnet50_v1.yaml", {"epochs": 30, "decay_milestones": [5]})
     assert cfg.decay_milestones == (5,)
+
+
+# ----------------------------------------------------------------------------- bad configs: one error naming the key
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    path = write(tmp_path / "a.yaml", "lr: 0.1\nsteps: [1, 2\nepochs: 3\n")
+    with pytest.raises(ValueError, match=r"a\.yaml: line 3 column \d+: invalid YAML") as info:
+        load_config(Demo, path)
+    assert "\n" not in str(info.value)
+
+
+def test_python_object_tag_is_refused_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+    path = write(tmp_path / "a.yaml", f"lr: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ValueError, match=r"a\.yaml: line 1 column 5: .*python/object/apply:os\.system.*refused"):
+        load_config(Demo, path)
+    assert not marker.exists()
+
+
+def test_binary_file_and_non_string_keys(tmp_path):
+    binary = tmp_path / "a.yaml"
+    binary.write_bytes(b"lr: \xff\xfe")
+    with pytest.raises(ValueError, match="a.yaml is not UTF-8"):
+        load_config(Demo, binary)
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \[1, 'x'\]"):
+        load_config(Demo, write(tmp_path / "b.yaml", "1: 2\nx: 3\n"))
+
+
+@pytest.mark.parametrize("text,key", [
+    ("lr: -0.1", "lr"), ("lr: .nan", "lr"), ("lr: .inf", "lr"), ("lr: 1e400", "lr"), ("lr: " + "9" * 400, "lr"),
+    ("base_lr: 0", "base_lr"), ("weight_decay: -1e-4", "weight_decay"), ("momentum: 1.0", "momentum"),
+    ("momentum: -0.1", "momentum"), ("dist_timeout_s: 0", "dist_timeout_s"), ("dist_timeout_s: .inf", "dist_timeout_s"),
+    ("workers: -1", "workers"), ("keep_last: 0", "keep_last"), ("batch_size: 0", "batch_size"),
+    ("base_batch_size: 0", "base_batch_size"), ("epochs: 0", "epochs"), ("seed: -1", "seed"),
+    ("crop_pct: 1.5", "crop_pct"), ("decay_milestones: [30, -1]", "decay_milestones"),
+])
+def test_out_of_range_numbers_rejected_at_load_naming_the_key(tmp_path, text, key):
+    path = write(tmp_path / "cls.yaml", text + "\n")
+    with pytest.raises(ValueError, match=rf"cls\.yaml: config key '{key}' must be") as info:
+        load_config(ClsTrainConfig, path)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("text,key", [("iters: 0", "iters"), ("lr: -1", "lr"), ("weight_decay_norm: -1", "weight_decay_norm"),
+                                      ("keep_last: 0", "keep_last"), ("min_sizes: [0]", "min_sizes")])
+def test_detection_bounds(tmp_path, text, key):
+    from tools.engine.det_train import DetTrainConfig
+
+    with pytest.raises(ValueError, match=rf"det\.yaml: config key '{key}' must be"):
+        load_config(DetTrainConfig, write(tmp_path / "det.yaml", text + "\n"))
+    keep_null = load_config(DetTrainConfig, write(tmp_path / "ok.yaml", "keep_last: null\nlr: null\n"))
+    assert keep_null.keep_last is None and keep_null.lr is None
+
+
+@pytest.mark.parametrize("text,key", [
+    ("backbone_options: {depht: 18}", "depht"), ("fpn_options: {channels: 8}", "channels"),
+    ("detector_options: {rpn_head: conv}", "rpn_head"), ("detector_options: {box_nms: 0.5}", "box_nms"),
+])
+def test_unknown_option_keys_list_the_valid_ones(tmp_path, text, key):
+    from tools.engine.det_train import build_config as build_det_config
+
+    path = write(tmp_path / "det.yaml", text + "\n")
+    with pytest.raises(ValueError, match=rf"det\.yaml: \w+_options has unknown key\(s\) \['{key}'\]; valid keys: \[") as info:
+        build_det_config(path)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_model_option_and_timm_loading_keys(tmp_path):
+    from tools.engine.det_train import build_config as build_det_config
+
+    with pytest.raises(ValueError, match=r"model_options has unknown key\(s\) \['depht'\]; valid keys: .*'deep_stem'"):
+        build_config(write(tmp_path / "cls.yaml", "model_options: {depht: 18}\n"))
+    with pytest.raises(ValueError, match=r"model_options has unknown key\(s\) \['out_features'\]"):
+        build_config(write(tmp_path / "cls.yaml", "model_options: {out_features: [c5]}\n"))
+    for key in ("pretrained_cfg_overlay", "checkpoint_path", "pretrained"):
+        path = write(tmp_path / "det.yaml", f"backbone: 'timm:resnet18'\nbackbone_options: {{{key}: x}}\n")
+        with pytest.raises(ValueError, match=rf"backbone_options: \['{key}'\] may not be set"):
+            build_det_config(path)

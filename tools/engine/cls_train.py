@@ -50,8 +50,11 @@ from tools.engine.checkpoint import (
     set_rng_state,
 )
 from tools.engine.config import (
+    bounds,
+    check_options,
     config_to_dict,
     ema_decay_for_run,
+    keyword_hints,
     load_config,
     rescale_schedule,
     save_config,
@@ -84,6 +87,7 @@ __all__ = [
     "ClsTrainConfig",
     "build_config",
     "build_model",
+    "check_model_options",
     "build_datasets",
     "evaluate",
     "evaluate_checkpoint",
@@ -119,55 +123,55 @@ class ClsTrainConfig:
     model_options: dict = field(default_factory=dict)
     # Data: ``None`` = the built-in synthetic shapes set.
     data: str | None = None
-    image_size: int = 224  # evaluation crop
-    train_image_size: int | None = None  # None = image_size (the modern recipe trains lower: FixRes effect)
-    crop_pct: float = 0.875  # eval: resize to image_size / crop_pct, then center crop
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
+    image_size: int = field(default=224, metadata=bounds(ge=1))  # evaluation crop
+    train_image_size: int | None = field(default=None, metadata=bounds(ge=1))  # None = image_size (FixRes: lower)
+    crop_pct: float = field(default=0.875, metadata=bounds(gt=0, le=1))  # eval: resize to size / crop_pct, crop
+    crop_scale: tuple[float, float] = field(default=(0.08, 1.0), metadata=bounds(gt=0, le=1))  # RandomResizedCrop
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"
-    hflip: float = 0.5
-    color_jitter: float = 0.0
+    hflip: float = field(default=0.5, metadata=bounds(ge=0, le=1))
+    color_jitter: float = field(default=0.0, metadata=bounds(ge=0))
     auto_augment: str | None = None  # timm string, e.g. "rand-m9-mstd0.5-inc1" (RandAugment)
-    re_prob: float = 0.0  # random erasing probability
-    mixup: float = 0.0  # mixup alpha (0 = off)
-    cutmix: float = 0.0  # cutmix alpha (0 = off)
-    label_smoothing: float = 0.0
-    workers: int = 4
+    re_prob: float = field(default=0.0, metadata=bounds(ge=0, le=1))  # random erasing probability
+    mixup: float = field(default=0.0, metadata=bounds(ge=0))  # mixup alpha (0 = off)
+    cutmix: float = field(default=0.0, metadata=bounds(ge=0))  # cutmix alpha (0 = off)
+    label_smoothing: float = field(default=0.0, metadata=bounds(ge=0, lt=1))
+    workers: int = field(default=4, metadata=bounds(ge=0))
     skip_bad_images: bool = False  # False: stop at the first unreadable image, naming it
     # Optimisation
-    epochs: int = 90
-    batch_size: int = 32
-    lr: float | None = None  # explicit lr: used as is, no scaling
-    base_lr: float = 0.1
-    base_batch_size: int = 256
+    epochs: int = field(default=90, metadata=bounds(ge=1))
+    batch_size: int = field(default=32, metadata=bounds(ge=1))
+    lr: float | None = field(default=None, metadata=bounds(gt=0))  # explicit lr: used as is, no scaling
+    base_lr: float = field(default=0.1, metadata=bounds(gt=0))
+    base_batch_size: int = field(default=256, metadata=bounds(ge=1))
     lr_scaling: Literal["linear", "sqrt"] = "linear"  # how lr follows the total batch size
     optimizer: str = "momentum"  # timm name: "momentum" = SGD with momentum; "sgd" in timm is Nesterov
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    momentum: float = field(default=0.9, metadata=bounds(ge=0, lt=1))
+    weight_decay: float = field(default=1e-4, metadata=bounds(ge=0))
     no_weight_decay_norm_bias: bool = False
     sched: Literal["multistep", "cosine"] = "multistep"
-    decay_milestones: tuple[int, ...] = (30, 60, 80)  # epochs (multistep)
-    decay_rate: float = 0.1
-    warmup_epochs: int = 0
-    warmup_lr: float = 1e-6
-    min_lr: float = 0.0
-    clip_grad_norm: float | None = None  # None = no clipping
+    decay_milestones: tuple[int, ...] = field(default=(30, 60, 80), metadata=bounds(ge=0))  # epochs (multistep)
+    decay_rate: float = field(default=0.1, metadata=bounds(gt=0))
+    warmup_epochs: int = field(default=0, metadata=bounds(ge=0))
+    warmup_lr: float = field(default=1e-6, metadata=bounds(ge=0))
+    min_lr: float = field(default=0.0, metadata=bounds(ge=0))
+    clip_grad_norm: float | None = field(default=None, metadata=bounds(gt=0))  # None = no clipping
     # Divergence (tools.engine.recovery): a NaN/inf loss, or one above spike_factor x the recent median,
     # rolls back to the last good state at half the lr, up to max_recoveries times; then the run stops.
     max_recoveries: int = 3
     spike_factor: float | None = 10.0
     ema: bool = False
-    ema_decay: float = 0.9999
+    ema_decay: float = field(default=0.9999, metadata=bounds(gt=0, lt=1))
     # Runtime
     device: Literal["cpu", "cuda"] | None = None  # None = cuda when available
     amp: bool = False
     amp_dtype: Literal["auto", "bfloat16", "float16"] = "auto"
     channels_last: bool = False
     sync_bn: bool = False
-    seed: int = 0
+    seed: int = field(default=0, metadata=bounds(ge=0, le=2**32 - 1))
     output_dir: str = "output/cls"
-    keep_last: int | None = 3
-    checkpoint_period: int | None = None  # also checkpoint every N iterations (an epoch end always does)
-    dist_timeout_s: float = 1800.0
+    keep_last: int | None = field(default=3, metadata=bounds(ge=1))
+    checkpoint_period: int | None = field(default=None, metadata=bounds(ge=1))  # also every N iterations
+    dist_timeout_s: float = field(default=1800.0, metadata=bounds(gt=0, le=1e9))
 
 
 def build_config(
@@ -195,14 +199,32 @@ def build_config(
     messages.append(f"schedule: {cfg.epochs} epochs, {cfg.sched}, warmup {cfg.warmup_epochs} epochs"
                     + (f", lr x{cfg.decay_rate:g} at epochs {list(cfg.decay_milestones)}"
                        if cfg.sched == "multistep" else ""))
+    try:
+        check_model_options(cfg.model, cfg.model_options)
+    except ValueError as e:  # model_options come from the recipe file only
+        raise ValueError(f"{config_path}: {e}" if config_path and cfg.model_options else str(e)) from None
     return cfg, messages
 
 
-def build_model(name: str, num_classes: int, options: dict[str, Any] | None = None) -> nn.Module:
-    """A ``backbones`` classifier by factory name, e.g. ``build_model("resnet50", 1000, {"deep_stem": True})``."""
-    if name not in backbones.FACTORIES:
+def check_model_options(name: Any, options: Any) -> dict[str, Any]:
+    """``options`` for the ``backbones`` factory ``name``, checked (from a config or a checkpoint): its keys must be
+    keyword parameters of ``backbones.ResNet`` (read from its signature; ``out_features`` would make it no
+    classifier), its values of their types. ValueError naming the key and listing the valid ones otherwise."""
+    if not isinstance(name, str) or name not in backbones.FACTORIES:
         raise ValueError(f"unknown model {name!r}; valid: {sorted(backbones.FACTORIES)}")
-    return backbones.FACTORIES[name](num_classes=num_classes, **(options or {}))
+    hints = keyword_hints(backbones.ResNet, exclude=("depth", "num_classes", "out_features"))
+    return check_options({} if options is None else options, hints, "model_options")
+
+
+def build_model(name: str, num_classes: int, options: dict[str, Any] | None = None) -> nn.Module:
+    """A ``backbones`` classifier by factory name, e.g. ``build_model("resnet50", 1000, {"deep_stem": True})``.
+
+    ``options`` are checked by :func:`check_model_options`."""
+    options = check_model_options(name, options)
+    try:
+        return backbones.FACTORIES[name](num_classes=num_classes, **options)
+    except TypeError as e:  # e.g. groups for a ResNeXt factory, which sets it itself
+        raise ValueError(f"cannot build {name} with model_options {options}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- data
@@ -405,10 +427,18 @@ def evaluate_checkpoint(
     state = load_checkpoint(weights)
     if Path(weights).suffix == ".safetensors":  # flat weights; ours name their model in the header
         state = {**load_metadata(weights), "model": state}
-    name = model or state.get("model_name")
-    if not isinstance(name, str):
+    # What the checkpoint says about its model and evaluation goes through the config's checks first.
+    stored = {key: state.get(source) for key, source in (("model", "model_name"), ("model_options", "model_options"),
+              ("image_size", "image_size"), ("crop_pct", "crop_pct"), ("interpolation", "interpolation"))}
+    stored = {key: value for key, value in stored.items() if value is not None}
+    checked = load_config(ClsTrainConfig, None, stored, overrides_name=f"{weights} (stored settings)")
+    name = model or stored.get("model")
+    if name is None:
         raise ValueError(f"{weights} does not name its model; pass --model (one of {sorted(backbones.FACTORIES)})")
-    options = state.get("model_options") or {}
+    try:
+        options = check_model_options(name, checked.model_options)
+    except ValueError as e:
+        raise ValueError(f"{weights}: {e}") from None
     if use_ema:
         if not isinstance(state.get("model_ema"), dict):
             raise ValueError(f"{weights} holds no EMA weights (train with ema: true)")
@@ -422,21 +452,20 @@ def evaluate_checkpoint(
     if "fc.weight" not in flat:
         raise ValueError(f"{weights} has no classifier (fc.weight); it cannot be evaluated as a classifier")
     num_classes = flat["fc.weight"].shape[0]
-    size = image_size or int(state.get("image_size", 224))
-    crop_pct = crop_pct or float(state.get("crop_pct", 0.875))
-    interpolation = interpolation or state.get("interpolation", "bilinear")
+    cfg = load_config(ClsTrainConfig, None, {
+        "image_size": image_size or checked.image_size, "crop_pct": crop_pct or checked.crop_pct,
+        "interpolation": interpolation or checked.interpolation}, overrides_name="evaluation settings")
 
     root = Path(data)
     val_dir = root / "val" if (root / "val").is_dir() else root
     if not val_dir.is_dir():
         raise ValueError(f"data folder {root} does not exist. Expected layout: {EXPECTED_LAYOUT}")
-    cfg = ClsTrainConfig(image_size=size, crop_pct=crop_pct, interpolation=interpolation)
     val_set = _image_folder(val_dir, build_transforms(cfg)[1], skip_bad_images=False)
     if len(val_set.classes) != num_classes:
         raise ValueError(f"{weights} has {num_classes} classes but {val_dir} has {len(val_set.classes)} class folders")
     saved_classes = state.get("class_names")
-    if saved_classes is not None and list(saved_classes) != val_set.classes:
-        raise ValueError(f"class folders {val_set.classes} differ from the checkpoint's classes {list(saved_classes)}")
+    if saved_classes is not None and (not isinstance(saved_classes, list) or saved_classes != val_set.classes):
+        raise ValueError(f"class folders {val_set.classes} differ from the checkpoint's classes {saved_classes!r}")
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net = build_model(name, num_classes, options)

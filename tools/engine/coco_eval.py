@@ -54,9 +54,31 @@ def validate_results(results: Any, source: str = "results") -> list[dict]:
         if bbox is not None and not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_number, bbox))):
             raise ValueError(f"{source}: result #{i} bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}")
         segm = res.get("segmentation")
-        if segm is not None and not (isinstance(segm, dict) and "size" in segm and "counts" in segm):
-            raise ValueError(f"{source}: result #{i} segmentation must be an RLE dict with size and counts")
+        if segm is not None and not (isinstance(segm, dict) and isinstance(segm.get("counts"), str)
+                                     and isinstance(segm.get("size"), list) and len(segm["size"]) == 2
+                                     and all(isinstance(v, int) and not isinstance(v, bool) for v in segm["size"])):
+            raise ValueError(f"{source}: result #{i} segmentation must be a compressed RLE dict: size [height, width] "
+                             "and counts a string")
     return results
+
+
+def check_result_masks(results: Sequence[dict], gt: COCO) -> None:
+    """Raise ValueError unless every result's segmentation is a valid RLE of its image's size.
+
+    pycocotools would score a mask of another size, or undecodable counts, without complaint. For results
+    read from a file (our own detections always fit); the run lengths are read in Python, so it takes a
+    moment on large files.
+    """
+    from tools.engine.coco_data import _compressed_rle_length  # the same run-length check as the dataset's
+
+    for i, res in enumerate(results):
+        img = gt.imgs.get(res["image_id"])
+        if img is None:
+            continue  # evaluate_coco names results for unknown images
+        size, counts = res["segmentation"]["size"], res["segmentation"]["counts"]
+        if size != [img["height"], img["width"]] or _compressed_rle_length(counts) != size[0] * size[1]:
+            raise ValueError(f"result #{i} segmentation is not a valid RLE of image id {res['image_id']}'s size "
+                             f"{img['height']}x{img['width']} (size {size})")
 
 
 def load_results(path: str | Path) -> list[dict]:

@@ -22,29 +22,102 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal, NamedTuple, TypeVar, Union
 
 import yaml
 
-__all__ = ["load_config", "config_to_dict", "save_config", "scale_lr", "rescale_schedule", "ema_decay_for_run"]
+__all__ = [
+    "load_config",
+    "bounds",
+    "keyword_hints",
+    "check_options",
+    "config_to_dict",
+    "save_config",
+    "scale_lr",
+    "rescale_schedule",
+    "ema_decay_for_run",
+]
 
 T = TypeVar("T")
 _BASE_KEY = "_base_"
+_BOUNDS = "bounds"
+
+
+class Range(NamedTuple):
+    """Bounds of a number: ``ge``/``gt`` below, ``le``/``lt`` above; ``None`` leaves that side open."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def __contains__(self, value: object) -> bool:
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+    def __str__(self) -> str:
+        low = f"[{self.ge}" if self.ge is not None else f"({self.gt}" if self.gt is not None else None
+        high = f"{self.le}]" if self.le is not None else f"{self.lt})" if self.lt is not None else None
+        if low and high:
+            return f"in {low}, {high}"
+        if low:
+            return (">= " if low[0] == "[" else "> ") + low[1:]
+        return ("<= " if high[-1] == "]" else "< ") + high[:-1]
+
+
+def bounds(*, ge: float | None = None, gt: float | None = None, le: float | None = None,
+           lt: float | None = None) -> dict[str, Range]:
+    """Field metadata declaring the range :func:`load_config` checks a number against (each item of a tuple or
+    list field; ``None`` values pass).
+
+    Example::
+
+        momentum: float = field(default=0.9, metadata=bounds(ge=0, lt=1))
+    """
+    return {_BOUNDS: Range(ge, gt, le, lt)}
+
+
+def _check_bounds(value: Any, field_range: Range, name: str) -> None:
+    items = value if isinstance(value, (list, tuple)) else (value,)
+    for item in items:
+        if isinstance(item, (int, float)) and not isinstance(item, bool) and item not in field_range:
+            raise ValueError(f"config key {name!r} must be {field_range}, got {value!r}")
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    with open(path) as f:
-        data = yaml.safe_load(f)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+        data = yaml.safe_load(text)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config {path} is not UTF-8 text (bad byte at offset {err.start})") from None
+    except OSError as err:
+        raise ValueError(f"cannot read config {path}: {err.strerror or err}") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"config {path}: {_yaml_problem(err)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"config {path} must hold a YAML mapping at top level, got {type(data).__name__}")
     return data
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line for a YAML syntax error or a refused tag, with its line and column."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f"line {mark.line + 1} column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(err, "problem", None) or getattr(err, "context", None) or str(err).splitlines()[0]
+    if isinstance(err, yaml.constructor.ConstructorError):
+        # safe_load refuses tags such as !!python/object, which would build Python objects.
+        return f"{where}{problem}; configs hold plain values only (tags that build Python objects are refused)"
+    return f"{where}invalid YAML: {problem}"
 
 
 def _read_with_base(path: Path) -> dict[str, Any]:
@@ -78,13 +151,13 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             if type(None) in args:
                 return None
             raise ValueError(f"config key {name!r} may not be null (expected {_type_name(tp)})")
-        for arg in args:
-            if arg is type(None):
-                continue
+        candidates = [arg for arg in args if arg is not type(None)]
+        for arg in candidates:
             try:
                 return _coerce(value, arg, name)
-            except ValueError:
-                pass
+            except ValueError as err:
+                if len(candidates) == 1:  # "X | None": X's own message says what is wrong
+                    raise err from None
         raise ValueError(f"config key {name!r}: cannot read {value!r} as {_type_name(tp)}")
     if value is None:
         raise ValueError(f"config key {name!r} may not be null (expected {_type_name(tp)})")
@@ -114,15 +187,23 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ValueError(f"config key {name!r} must be a float, got bool {value!r}")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            try:
+                number = float(value)
+            except OverflowError:  # an int too large for a float
+                pass
+        elif isinstance(value, str):
             # PyYAML reads "1e-4" (no dot) as a string; accept it as the number it clearly is.
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ValueError(f"config key {name!r} must be a float, got {value!r}")
+        if number is None:
+            raise ValueError(f"config key {name!r} must be a float, got {value!r}")
+        if not math.isfinite(number):
+            raise ValueError(f"config key {name!r} must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -146,7 +227,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     return value
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:
+def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
+                overrides_name: str = "overrides") -> T:
     """Build a ``cls`` dataclass from the defaults, then ``path`` (YAML), then ``overrides``.
 
     Args:
@@ -154,10 +236,13 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[st
         path: YAML file (may name one ``_base_`` parent); ``None`` uses the defaults only.
         overrides: key -> value applied last; ``None`` values in it are ignored so that
             unset command-line flags can be passed through as they are.
+        overrides_name: what error messages call ``overrides`` (e.g. the checkpoint they came from).
 
     Raises:
-        ValueError: on an unknown key (the message lists the valid keys) or a value that
-            cannot be read as the field's type.
+        ValueError: naming the file (or ``overrides_name``) and the key: an unknown key (the message
+            lists the valid keys), a value that cannot be read as the field's type, a non-finite
+            float, or a number outside the field's declared :func:`bounds`; YAML syntax errors and
+            refused tags (``!!python/object``) with their line.
     """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"load_config needs a dataclass type, got {cls!r}")
@@ -168,17 +253,67 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[st
     if path is not None:
         sources.append((str(path), _read_with_base(Path(path))))
     if overrides:
-        sources.append(("overrides", {k: v for k, v in overrides.items() if v is not None}))
+        sources.append((overrides_name, {k: v for k, v in overrides.items() if v is not None}))
     for origin, data in sources:
-        unknown = sorted(set(data) - set(fields))
+        unknown = sorted((k for k in data if k not in fields), key=str)
         if unknown:
             raise ValueError(
                 f"unknown config key(s) {unknown} in {origin} for {cls.__name__}; "
                 f"valid keys: {sorted(fields)}"
             )
         for key, value in data.items():
-            values[key] = _coerce(value, hints[key], key)
+            try:
+                values[key] = _coerce(value, hints[key], key)
+                if _BOUNDS in fields[key].metadata:
+                    _check_bounds(values[key], fields[key].metadata[_BOUNDS], key)
+            except ValueError as err:
+                raise ValueError(f"{origin}: {err}") from None
     return cls(**values)
+
+
+def keyword_hints(*targets: Callable[..., Any], exclude: Iterable[str] = ()) -> dict[str, Any]:
+    """The keyword parameters of ``targets`` (for a class, its ``__init__``) -> their type hints.
+
+    What a config may pass to a constructor, read from its signature rather than written down twice. A
+    parameter whose hint cannot be resolved gets ``Any``.
+    """
+    exclude = set(exclude)
+    hints: dict[str, Any] = {}
+    for target in targets:
+        function = target.__init__ if inspect.isclass(target) else target
+        try:
+            resolved = typing.get_type_hints(function)
+        except Exception:  # noqa: BLE001 - an unresolvable annotation: names are still known
+            resolved = {}
+        for name, param in inspect.signature(function).parameters.items():
+            if name in exclude or name == "self" or param.kind not in (
+                    inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+                continue
+            hints.setdefault(name, resolved.get(name, Any))
+    return hints
+
+
+def check_options(options: Any, hints: Mapping[str, Any], name: str, *, open_ended: bool = False,
+                  refused: Iterable[str] = (), refused_reason: str = "") -> dict[str, Any]:
+    """``options`` (keyword arguments from a config or a checkpoint) checked against ``hints``; returns a copy
+    with values read as their hints (:func:`keyword_hints`).
+
+    Raises:
+        ValueError: naming ``name`` and the key, for a non-mapping, a key not in ``hints`` (the valid keys are
+            listed; unless ``open_ended``, for a callee taking ``**kwargs``), a ``refused`` key, or a value that
+            does not read as its hint.
+    """
+    if not isinstance(options, Mapping):
+        raise ValueError(f"{name} must be a mapping of keyword arguments, got {options!r}")
+    refused = set(refused)
+    valid = f"valid keys: {sorted(hints)}" + (" and the model's own keyword arguments" if open_ended else "")
+    bad = sorted((k for k in options if k in refused), key=str)
+    if bad:
+        raise ValueError(f"{name}: {bad} may not be set{f' ({refused_reason})' if refused_reason else ''}; {valid}")
+    unknown = sorted((k for k in options if not isinstance(k, str) or (k not in hints and not open_ended)), key=str)
+    if unknown:
+        raise ValueError(f"{name} has unknown key(s) {unknown}; {valid}")
+    return {k: _coerce(v, hints[k], f"{name}.{k}") if k in hints else v for k, v in options.items()}
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

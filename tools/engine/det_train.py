@@ -28,6 +28,8 @@ import json
 import logging
 import os
 import time
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -55,8 +57,17 @@ from tools.engine.coco_data import (
     detections_to_coco_results,
     load_rgb_image,
 )
-from tools.engine.coco_eval import evaluate_coco, load_results, results_have_segm, write_metrics
-from tools.engine.config import config_to_dict, load_config, rescale_schedule, save_config, scale_lr
+from tools.engine.coco_eval import check_result_masks, evaluate_coco, load_results, results_have_segm, write_metrics
+from tools.engine.config import (
+    bounds,
+    check_options,
+    config_to_dict,
+    keyword_hints,
+    load_config,
+    rescale_schedule,
+    save_config,
+    scale_lr,
+)
 from tools.engine.distributed import (
     all_gather_object,
     barrier,
@@ -85,6 +96,7 @@ __all__ = [
     "WarmupMultiStep",
     "build_config",
     "model_spec",
+    "check_model_spec",
     "build_model",
     "build_optimizer",
     "load_start_weights",
@@ -130,28 +142,29 @@ class DetTrainConfig:
     train_ann: str | None = None
     val_images: str | None = None
     val_ann: str | None = None
-    min_sizes: tuple[int, ...] = (640, 672, 704, 736, 768, 800)  # train: one at random per image; test: the last
-    max_size: int = 1333
-    hflip: float = 0.5
+    min_sizes: tuple[int, ...] = field(default=(640, 672, 704, 736, 768, 800),  # train: one at random per image;
+                                       metadata=bounds(ge=1))  # test: the last
+    max_size: int = field(default=1333, metadata=bounds(ge=1))
+    hflip: float = field(default=0.5, metadata=bounds(ge=0, le=1))
     drop_empty: bool = False  # leave out training images without annotations
     # Annotation file_names are confined to their images folder: absolute ones or ones leaving it
     # through ".." are refused, unless this is set (the dataset paths themselves are taken as given).
     allow_outside_root: bool = False
-    workers: int = 4
+    workers: int = field(default=4, metadata=bounds(ge=0))
     # Optimisation
-    iters: int = 90000
-    batch_size: int = 2  # per process
-    lr: float | None = None  # explicit lr: used as is, no scaling
-    base_lr: float = 0.02
-    base_batch_size: int = 16
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    weight_decay_norm: float | None = None  # for norm weights/biases; None = weight_decay
-    steps: tuple[int, ...] = (60000, 80000)  # lr x gamma at each
-    gamma: float = 0.1
-    warmup_iters: int = 1000
-    warmup_factor: float = 0.001  # lr ramps linearly from base x this to base
-    clip_grad_norm: float | None = None
+    iters: int = field(default=90000, metadata=bounds(ge=1))
+    batch_size: int = field(default=2, metadata=bounds(ge=1))  # per process
+    lr: float | None = field(default=None, metadata=bounds(gt=0))  # explicit lr: used as is, no scaling
+    base_lr: float = field(default=0.02, metadata=bounds(gt=0))
+    base_batch_size: int = field(default=16, metadata=bounds(ge=1))
+    momentum: float = field(default=0.9, metadata=bounds(ge=0, lt=1))
+    weight_decay: float = field(default=1e-4, metadata=bounds(ge=0))
+    weight_decay_norm: float | None = field(default=None, metadata=bounds(ge=0))  # norm layers; None = weight_decay
+    steps: tuple[int, ...] = field(default=(60000, 80000), metadata=bounds(ge=0))  # lr x gamma at each
+    gamma: float = field(default=0.1, metadata=bounds(gt=0))
+    warmup_iters: int = field(default=1000, metadata=bounds(ge=0))
+    warmup_factor: float = field(default=0.001, metadata=bounds(gt=0, le=1))  # lr ramps from base x this to base
+    clip_grad_norm: float | None = field(default=None, metadata=bounds(gt=0))
     # Divergence (tools.engine.recovery): a NaN/inf loss, or one above spike_factor x the recent median,
     # rolls back to the last good state at half the lr, up to max_recoveries times; then the run stops.
     max_recoveries: int = 3
@@ -162,15 +175,15 @@ class DetTrainConfig:
     amp_dtype: Literal["auto", "bfloat16", "float16"] = "auto"
     channels_last: bool = False
     sync_bn: bool = False
-    seed: int = 0
+    seed: int = field(default=0, metadata=bounds(ge=0, le=2**32 - 1))
     output_dir: str = "output/det"
-    keep_last: int | None = 3
-    checkpoint_every: int | None = 5000  # the end of training always checkpoints
-    eval_every: int | None = None  # the end of training always evaluates
-    log_every: int = 20
-    vis_images: int = 8  # validation images in val_predictions.png
-    vis_score_thresh: float = 0.5
-    dist_timeout_s: float = 1800.0
+    keep_last: int | None = field(default=3, metadata=bounds(ge=1))
+    checkpoint_every: int | None = field(default=5000, metadata=bounds(ge=1))  # the end always checkpoints
+    eval_every: int | None = field(default=None, metadata=bounds(ge=1))  # the end of training always evaluates
+    log_every: int = field(default=20, metadata=bounds(ge=1))
+    vis_images: int = field(default=8, metadata=bounds(ge=0))  # validation images in val_predictions.png
+    vis_score_thresh: float = field(default=0.5, metadata=bounds(ge=0, le=1))
+    dist_timeout_s: float = field(default=1800.0, metadata=bounds(gt=0, le=1e9))
 
 
 def build_config(
@@ -196,13 +209,13 @@ def build_config(
             cfg = dataclasses.replace(cfg, warmup_iters=warmup)
             messages.append(f"iters {recipe.iters} -> {cfg.iters}: warmup {recipe.warmup_iters} -> {warmup} iterations "
                             f"(at least {DET_WARMUP_FLOOR} or a quarter of the run, at most the recipe's)")
-    _check_config(cfg)
+    _check_config(cfg, config_path)
     messages.append(f"schedule: {cfg.iters} iterations, linear warmup over {cfg.warmup_iters} from lr x{cfg.warmup_factor:g}"
                     + (f", lr x{cfg.gamma:g} at iterations {list(cfg.steps)}" if cfg.steps else ""))
     return cfg, messages
 
 
-def _check_config(cfg: DetTrainConfig) -> None:
+def _check_config(cfg: DetTrainConfig, source: str | Path | None = None) -> None:
     for name in ("iters", "batch_size", "log_every"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -223,6 +236,10 @@ def _check_config(cfg: DetTrainConfig) -> None:
     if any(v is not None for v in given) and not all(v is not None for v in given):
         raise ValueError("give all of train_images, train_ann, val_images and val_ann "
                          "(--train-images --train-ann --val-images --val-ann), or none for the built-in shapes set")
+    try:
+        check_model_spec(model_spec(cfg, num_classes=2))
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}" if source else str(e)) from None
 
 
 class WarmupMultiStep:
@@ -271,13 +288,76 @@ def model_spec(cfg: DetTrainConfig, num_classes: int) -> dict[str, Any]:
     }
 
 
-def build_model(spec: dict[str, Any]) -> heads.FasterRCNN:
-    """``heads.build_detector`` from a :func:`model_spec` dict (as saved in our checkpoints)."""
+# The keys of a model_spec(): heads.build_detector's parameters, with its **options under "options".
+_SPEC_KEYS = ("kind", "backbone", "num_classes", "variant", "pretrained_backbone", "backbone_options", "fpn_options",
+              "options")
+
+
+def _takes_module(hint: Any) -> bool:
+    """Whether a parameter's type hint is a module (a part passed as an object): no config or checkpoint sets it."""
+    return any(isinstance(arg, type) and issubclass(arg, nn.Module) for arg in typing.get_args(hint) or (hint,))
+
+
+def check_model_spec(spec: Any) -> dict[str, Any]:
+    """A :func:`model_spec` dict (from a config or a checkpoint) checked before anything is built from it; returns
+    a copy with the option values read as their types.
+
+    Each options dict may hold only keyword parameters of what receives it, read from the signatures:
+    ``backbone_options`` of ``backbones.ResNet`` (for ``timm:<name>``: ``backbones.TimmBackbone`` and timm's model
+    keywords, but none of ``timm.create_model``'s own, such as ``pretrained_cfg_overlay`` or ``checkpoint_path``,
+    which load files), ``fpn_options`` of ``backbones.FPN`` and ``options`` (``detector_options``) of the detector
+    class, without its module-valued parameters. ValueError naming the key and listing the valid ones otherwise.
+    """
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"the model spec must be a mapping, got {type(spec).__name__}")
+    unknown = sorted((k for k in spec if k not in _SPEC_KEYS), key=str)
+    if unknown:
+        raise ValueError(f"the model spec has unknown key(s) {unknown}; valid keys: {list(_SPEC_KEYS)}")
     spec = dict(spec)
-    options = dict(spec.pop("options", {}))
+    kind, backbone = spec.get("kind", "faster_rcnn"), spec.get("backbone", "resnet50")
+    if kind not in heads.DETECTORS:
+        raise ValueError(f"detector must be one of {sorted(heads.DETECTORS)}, got {kind!r}")
+    if spec.get("variant", "v1") not in heads.VARIANTS:
+        raise ValueError(f"variant must be one of {list(heads.VARIANTS)}, got {spec['variant']!r}")
+    if not isinstance(backbone, str):
+        raise ValueError(f"backbone must be a name, got {backbone!r}")
+    num_classes = spec.get("num_classes", 91)
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2 (background included), got {num_classes!r}")
+    if not isinstance(spec.get("pretrained_backbone", False), bool):
+        raise ValueError(f"pretrained_backbone must be true or false, got {spec['pretrained_backbone']!r}")
+    if backbone.startswith("timm:"):
+        import timm
+
+        spec["backbone_options"] = check_options(
+            spec.get("backbone_options", {}), keyword_hints(backbones.TimmBackbone, exclude=("model_name",)),
+            "backbone_options", open_ended=True, refused=keyword_hints(timm.create_model, exclude=("model_name",)),
+            refused_reason="timm.create_model's own options choose and load weight files; give weights with "
+                           "backbone_options.checkpoint or --weights")
+    else:
+        spec["backbone_options"] = check_options(
+            spec.get("backbone_options", {}), keyword_hints(backbones.ResNet, exclude=("depth",)), "backbone_options")
+    spec["fpn_options"] = check_options(
+        spec.get("fpn_options", {}), keyword_hints(backbones.FPN, exclude=("bottom_up",)), "fpn_options")
+    detector = heads.DETECTORS[kind]  # MaskRCNN passes its **options on to FasterRCNN
+    hints = keyword_hints(*(c for c in detector.__mro__ if isinstance(c, type) and issubclass(c, heads.FasterRCNN)),
+                          exclude=("backbone", "num_classes", "variant"))
+    spec["options"] = check_options(spec.get("options", {}), {k: h for k, h in hints.items() if not _takes_module(h)},
+                                    "detector_options")
+    return spec
+
+
+def build_model(spec: dict[str, Any]) -> heads.FasterRCNN:
+    """``heads.build_detector`` from a :func:`model_spec` dict (as saved in our checkpoints), checked first by
+    :func:`check_model_spec`."""
+    spec = check_model_spec(spec)
+    options = spec.pop("options")
     if isinstance(options.get("min_size"), list):
         options["min_size"] = tuple(options["min_size"])
-    return heads.build_detector(**spec, **options)
+    try:
+        return heads.build_detector(**spec, **options)
+    except TypeError as e:  # e.g. a timm keyword the model does not take, or one a ResNeXt factory sets itself
+        raise ValueError(f"cannot build the detector from its spec: {e}") from None
 
 
 def build_optimizer(model: nn.Module, cfg: DetTrainConfig, lr: float) -> torch.optim.SGD:
@@ -708,9 +788,15 @@ def load_detector(
     except ValueError as e:
         raise ValueError(f"{weights}: {e}") from None
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    if isinstance(raw.get("model_spec"), dict):
-        spec = dict(raw["model_spec"])
-        spec["options"] = dict(spec.get("options", {}))
+    stored = raw.get("model_spec")
+    if stored is not None:
+        if not isinstance(stored, dict):
+            raise ValueError(f"{weights}: model_spec must be a mapping, got {type(stored).__name__}")
+        spec = dict(stored)
+        if isinstance(spec.get("backbone_options"), dict) and "checkpoint" in spec["backbone_options"]:
+            # TimmBackbone's ImageNet weights file, used when the run started: this checkpoint's weights replace
+            # them, so the file is not read (nor need it exist here).
+            spec["backbone_options"] = {k: v for k, v in spec["backbone_options"].items() if k != "checkpoint"}
     else:
         spec = {"kind": "faster_rcnn", "backbone": "resnet50", "num_classes": 91, "variant": "v1",
                 "pretrained_backbone": True, "backbone_options": {}, "fpn_options": {}, "options": {}}
@@ -718,25 +804,34 @@ def load_detector(
     for key in ("kind", "backbone", "variant", "num_classes"):
         if key in overrides:
             spec[key] = overrides[key]
+    try:
+        spec = check_model_spec(spec)  # the same rules as a config's: a spec is data, never a way to load files
+    except ValueError as e:
+        raise ValueError(f"{weights}: model spec: {e}") from None
     if "min_size" in overrides:
         spec["options"]["min_size"] = (int(overrides["min_size"]),)
     if "max_size" in overrides:
         spec["options"]["max_size"] = int(overrides["max_size"])
-    model = build_model(spec)
+    mapping, class_names = raw.get("label_to_cat_id"), raw.get("class_names")
+    try:
+        mapping = {int(k): int(v) for k, v in mapping.items()} if mapping else None
+    except (AttributeError, TypeError, ValueError):
+        raise ValueError(f"{weights}: label_to_cat_id must map labels to category ids, got {str(mapping)[:100]}"
+                         ) from None
+    if class_names is not None and not (isinstance(class_names, list) and all(isinstance(n, str) for n in class_names)):
+        raise ValueError(f"{weights}: class_names must be a list of strings, got {str(class_names)[:100]}")
+    try:
+        model = build_model(spec)
+    except ValueError as e:
+        raise ValueError(f"{weights}: {e}") from None
     try:
         heads.load_weights(model, state)
     except ValueError as e:
         raise ValueError(f"{weights}: {e}") from None
     model.eval()
-    class_names = raw.get("class_names")
     if class_names is None and spec["num_classes"] == 91:
         class_names = list(FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"][1:])
-    mapping = raw.get("label_to_cat_id")
-    return model, {
-        "model_spec": spec,
-        "label_to_cat_id": {int(k): int(v) for k, v in mapping.items()} if mapping else None,
-        "class_names": list(class_names) if class_names is not None else None,
-    }
+    return model, {"model_spec": spec, "label_to_cat_id": mapping, "class_names": class_names}
 
 
 def _for_inference(model: nn.Module, bf16: bool, compile: bool) -> nn.Module:
@@ -817,7 +912,12 @@ def score_results_file(results: str | Path, val_ann: str | Path, output_dir: str
     entries = load_results(results)
     segm = results_have_segm(entries)
     gt = CocoDetection(Path(val_ann).parent, val_ann, None, with_masks=segm, allow_outside_root=allow_outside_root)
-    metrics = evaluate_coco(gt.coco, entries, ("bbox", "segm") if segm else ("bbox",))
+    try:
+        if segm:
+            check_result_masks(entries, gt.coco)
+        metrics = evaluate_coco(gt.coco, entries, ("bbox", "segm") if segm else ("bbox",))
+    except ValueError as e:
+        raise ValueError(f"{results}: {e}") from None
     write_metrics(Path(output_dir) / "metrics.json", metrics)
     return metrics
 
