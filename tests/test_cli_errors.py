@@ -134,7 +134,7 @@ def test_refusal_does_not_relay_advice_to_load_unsafely(tmp_path, capsys):
     evil = tmp_path / "evil.pth"
     torch.save({"model": {}, "x": Payload()}, evil)
     line = _run("eval_cls", ["--weights", str(evil), "--data", str(tmp_path)], capsys)
-    assert f"refused to load {evil}" in line and "os.system" in line or "posix.system" in line
+    assert f"refused to load {evil}" in line and ("GLOBAL posix.system" in line or "GLOBAL os.system" in line)
     assert "weights_only" not in line and "trust" not in line
 
 
