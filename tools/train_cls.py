@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-last", type=int, help="keep only the newest K periodic checkpoints")
     p.add_argument("--checkpoint-period", type=int, help="also checkpoint every N iterations")
     p.add_argument("--clip-grad", type=float, help="clip the global gradient norm to this value")
+    p.add_argument("--max-recoveries", type=int, help="roll-backs to the last good state (at half the lr) on a "
+                                                       "NaN/exploding loss before stopping (default 3; 0 stops at once)")
     p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm across processes")
     p.add_argument("--skip-bad-images", action="store_true", default=None,
                    help="skip unreadable images (counted in the log) instead of stopping at the first one")
@@ -69,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         "keep_last": args.keep_last,
         "checkpoint_period": args.checkpoint_period,
         "clip_grad_norm": args.clip_grad,
+        "max_recoveries": args.max_recoveries,
         "sync_bn": args.sync_bn,
         "skip_bad_images": args.skip_bad_images,
     }

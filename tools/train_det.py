@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, help="COCO-evaluate every N iterations (and at the end)")
     p.add_argument("--keep-last", type=int, help="keep only the newest K periodic checkpoints")
     p.add_argument("--clip-grad", type=float, help="clip the global gradient norm to this value")
+    p.add_argument("--max-recoveries", type=int, help="roll-backs to the last good state (at half the lr) on a "
+                                                       "NaN/exploding loss before stopping (default 3; 0 stops at once)")
     p.add_argument("--drop-empty", action="store_true", default=None, help="skip training images without objects")
     p.add_argument("--allow-outside-root", action="store_true", default=None,
                    help="accept annotation file_names that are absolute or leave the images folder through '..'")
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval_every": args.eval_every,
         "keep_last": args.keep_last,
         "clip_grad_norm": args.clip_grad,
+        "max_recoveries": args.max_recoveries,
         "drop_empty": args.drop_empty,
         "allow_outside_root": args.allow_outside_root,
     }

@@ -157,8 +157,8 @@ class ClsTrainConfig:
     clip_grad_norm: float | None = field(default=None, metadata=bounds(gt=0))  # None = no clipping
     # Divergence (tools.engine.recovery): a NaN/inf loss, or one above spike_factor x the recent median,
     # rolls back to the last good state at half the lr, up to max_recoveries times; then the run stops.
-    max_recoveries: int = 3
-    spike_factor: float | None = 10.0
+    max_recoveries: int = field(default=3, metadata=bounds(ge=0))
+    spike_factor: float | None = field(default=10.0, metadata=bounds(gt=1))
     ema: bool = False
     ema_decay: float = field(default=0.9999, metadata=bounds(gt=0, lt=1))
     # Runtime
@@ -513,8 +513,9 @@ def train(cfg: ClsTrainConfig, *, resume: bool = False, criterion: nn.Module | N
         criterion: loss module overriding the one the recipe implies.
 
     Raises:
-        FloatingPointError: the loss became NaN/inf (the message names the iteration); the
-            checkpoints written before stay as they are.
+        FloatingPointError: the loss became NaN/inf or exploded after ``max_recoveries`` roll-backs
+            (:mod:`tools.engine.recovery`; the message names the iteration); the checkpoints written
+            before stay as they are.
         ValueError: bad data layout, unknown model, impossible settings.
     """
     info = init_distributed(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"), cfg.dist_timeout_s)
@@ -822,8 +823,9 @@ def run_from_args(config: str | Path | None, overrides: dict[str, Any], resume: 
     given = {k: v for k, v in overrides.items() if v is not None}
     if config is None and given.get("data") is not None:
         config, values, reasons = cls_recipe(cls_data_stats(Path(given["data"]) / "train"))
-        for reason in reasons:
-            logger.info("recipe from the data (--config to choose one): %s", reason)
+        for key, reason in reasons.items():
+            if key not in given:
+                logger.info("recipe from the data (--config to choose one): %s", reason)
         overrides = {**values, **given}
     cfg, messages = build_config(config, overrides)
     for m in messages:

@@ -167,8 +167,8 @@ class DetTrainConfig:
     clip_grad_norm: float | None = field(default=None, metadata=bounds(gt=0))
     # Divergence (tools.engine.recovery): a NaN/inf loss, or one above spike_factor x the recent median,
     # rolls back to the last good state at half the lr, up to max_recoveries times; then the run stops.
-    max_recoveries: int = 3
-    spike_factor: float | None = 10.0
+    max_recoveries: int = field(default=3, metadata=bounds(ge=0))
+    spike_factor: float | None = field(default=10.0, metadata=bounds(gt=1))
     # Runtime
     device: Literal["cpu", "cuda"] | None = None  # None = cuda when available
     amp: bool = False
@@ -466,7 +466,7 @@ def train(cfg: DetTrainConfig, *, resume: bool = False) -> dict[str, dict[str, f
     ``checkpoint_every`` iterations and at the end), ``model_final.pth`` (its weights alone also as
     ``model_final.safetensors``), ``metrics.jsonl`` and TensorBoard events (losses and lr every
     ``log_every`` iterations, APs at each evaluation), ``coco_results.json``, ``metrics.json``, ``loss_curve.png`` and ``val_predictions.png``.
-    Checkpoints hold ``model``, ``optimizer``, ``scheduler``, ``scaler``, ``iteration``,
+    Checkpoints hold ``model``, ``optimizer``, ``scheduler``, ``scaler``, ``divergence_guard``, ``iteration``,
     ``rng`` (every rank's), ``config``, ``model_spec``, ``label_to_cat_id`` and ``class_names``.
 
     Args:
@@ -476,8 +476,9 @@ def train(cfg: DetTrainConfig, *, resume: bool = False) -> dict[str, dict[str, f
             worker group restarted by ``torchrun --max-restarts``.
 
     Raises:
-        FloatingPointError: a loss became NaN/inf (the message names the iteration and every
-            loss term); the checkpoints written before stay as they are.
+        FloatingPointError: a loss became NaN/inf or exploded after ``max_recoveries`` roll-backs
+            (:mod:`tools.engine.recovery`; the message names the iteration and every loss term);
+            the checkpoints written before stay as they are.
         ValueError: bad data, unknown backbone, impossible settings.
     """
     info = init_distributed(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"), cfg.dist_timeout_s)
@@ -714,8 +715,9 @@ def run_from_args(config: str | Path | None, overrides: dict[str, Any], resume: 
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         values, reasons = det_recipe(det_data_stats(given["train_ann"]),
                                      given.get("batch_size", DetTrainConfig.batch_size), world_size)
-        for reason in reasons:
-            logger.info("recipe from the data (--config to choose one): %s", reason)
+        for key, reason in reasons.items():
+            if key not in given:
+                logger.info("recipe from the data (--config to choose one): %s", reason)
         overrides = {**values, **given}
     cfg, messages = build_config(config, overrides)
     for m in messages:
