@@ -6,7 +6,9 @@ setup(
     version="0.1.0",
     description="ResNet backbones (ResNet/ResNeXt/wide/ResNet-D), FPN, Faster/Mask R-CNN and training tools",
     python_requires=">=3.10",
-    packages=find_packages(include=["backbones", "backbones.*", "heads", "heads.*", "tools", "tools.*"]),
+    # The library only: the command-line tools and their engine (tools/) run from the clone, as detectron2's and
+    # MMDetection's do, so that no generic top-level "tools" package lands in site-packages.
+    packages=find_packages(include=["backbones", "backbones.*", "heads", "heads.*"]),
     install_requires=[
         # Bounded so that the resolver takes the 2.14 / 0.29 releases instead of pulling a newer build.
         "torch>=2.4,<=2.14.1",

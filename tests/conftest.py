@@ -7,11 +7,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: trains for a minute or more, or runs subprocesses under torchrun "
-                                       "(deselect with -m 'not slow'; the README command runs everything)")
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -205,3 +205,30 @@ def test_resume_says_when_no_checkpoint_is_readable(tmp_path, caplog):
     caplog.clear()
     assert CheckpointManager(tmp_path / "empty").load_latest() is None
     assert not caplog.records  # nothing there: nothing to warn about
+
+
+def test_a_folder_holds_one_run(tmp_path):
+    old = CheckpointManager(tmp_path, keep_last=2)
+    assert old.begin(resume=False) is None
+    old.save({"x": 1}, 600)
+    new = CheckpointManager(tmp_path, keep_last=2)
+    with pytest.raises(ValueError, match=r"another run \(model_0000600.pth\).*--resume.*--overwrite"):
+        new.begin(resume=False)  # a new run would have had its own checkpoints rotated away by the old run's
+    path, state = new.begin(resume=True)
+    assert path.name == "model_0000600.pth" and state["run_id"] == old.run_id == new.run_id  # resume takes it over
+
+    fresh = CheckpointManager(tmp_path, keep_last=2)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 600}\n')
+    assert fresh.begin(resume=False, overwrite=True) is None
+    assert not list(tmp_path.iterdir())  # the old run's checkpoint and metrics are gone
+    fresh.save({"x": 2}, 200)
+    fresh.save_final({"x": 3})
+    assert fresh.run_id != old.run_id
+    assert {load_checkpoint(p)["run_id"] for p in tmp_path.glob("model_*.pth")} == {fresh.run_id}
+
+
+def test_resume_refuses_when_every_checkpoint_is_unreadable(tmp_path):
+    (tmp_path / "model_0000010.pth").write_bytes(b"junk")
+    with pytest.warns(RuntimeWarning), pytest.raises(ValueError, match="none of its checkpoints can be read"):
+        CheckpointManager(tmp_path).begin(resume=True)
+    assert CheckpointManager(tmp_path / "empty").begin(resume=True) is None  # nothing there: a fresh start

@@ -28,6 +28,8 @@ from tools.engine.config import load_config
 from tools.engine.shapes import make_shapes_coco, make_shapes_imagefolder
 from helpers import TINY_DETECTOR
 
+pytestmark = pytest.mark.slow  # torchrun jobs: processes, process groups, restarts
+
 REPO = Path(__file__).resolve().parents[1]
 
 DET_TINY = {

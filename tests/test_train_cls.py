@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,6 +93,22 @@ def test_short_run_learns_and_writes_outputs(trained_run):
     assert load_config(ClsTrainConfig, trained_run / "config.yaml").epochs == 2
 
 
+def test_new_run_into_a_used_folder_is_refused_or_overwrites(trained_run, tint_data, tmp_path, capsys):
+    args = ["--model", "resnet18", "--config", str(REPO / "configs/cls/shapes.yaml"), "--data", str(tint_data),
+            "--epochs", "1", "--batch-size", "8", "--image-size", "32", "--device", "cpu", "--workers", "0"]
+    assert train_cls.main([*args, "--output-dir", str(trained_run)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert [r["epoch"] for r in read_metrics(trained_run / "metrics.jsonl")] == [1, 2]  # untouched
+
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run, copy)
+    old_id = load_checkpoint(copy / "model_final.pth")["run_id"]
+    assert train_cls.main([*args, "--output-dir", str(copy), "--overwrite"]) == 0
+    assert [r["epoch"] for r in read_metrics(copy / "metrics.jsonl")] == [1]  # the old run's records are gone
+    ids = {load_checkpoint(p)["run_id"] for p in [*copy.glob("model_*.pth")]}
+    assert len(ids) == 1 and old_id not in ids
+
+
 def test_final_weights_load_into_backbones(trained_run):
     final = load_checkpoint(trained_run / "model_final.pth")
     assert final["model_name"] == "resnet18" and final["class_names"] == ["blue", "red"]
@@ -135,6 +152,7 @@ def _resume_config(path: Path, data: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_gives_identical_weights(tiny_shapes, tmp_path, one_thread, caplog):
     config = _resume_config(tmp_path / "resume.yaml", tiny_shapes)
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed"

@@ -234,6 +234,7 @@ def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300, **kwargs)
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_matches_uninterrupted(shapes, tmp_path):
     config = write_tiny_yaml(tmp_path / "tiny.yaml", shapes, iters=12, checkpoint_every=3, keep_last=None)
     full = tmp_path / "full"
@@ -268,6 +269,7 @@ def test_killed_and_resumed_run_matches_uninterrupted(shapes, tmp_path):
         assert torch.equal(expected[key], resumed[key]), key
 
 
+@pytest.mark.slow
 def test_torchrun_two_process_gloo(shapes, tmp_path):
     config = write_tiny_yaml(tmp_path / "tiny.yaml", shapes, iters=4, vis_images=1)
     out = tmp_path / "ddp"

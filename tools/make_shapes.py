@@ -5,6 +5,11 @@ Examples:
     python tools/make_shapes.py --kind imagefolder --output-dir data/shapes_cls --num-train 1000 --num-val 100
 """
 import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # a script in the clone: only backbones and heads are installed, tools is not
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools.engine.shapes import make_shapes_coco, make_shapes_imagefolder
 

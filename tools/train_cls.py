@@ -16,6 +16,9 @@ import logging
 import sys
 from pathlib import Path
 
+if __package__ in (None, ""):  # a script in the clone: only backbones and heads are installed, tools is not
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from tools.engine.cls_train import run_from_args
 from tools.engine.errors import USER_ERRORS, report
 
@@ -39,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, help="data loading worker processes per process")
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --output-dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --output-dir that holds another run's files, deleting them")
     p.add_argument("--keep-last", type=int, help="keep only the newest K periodic checkpoints")
     p.add_argument("--checkpoint-period", type=int, help="also checkpoint every N iterations")
     p.add_argument("--clip-grad", type=float, help="clip the global gradient norm to this value")
@@ -76,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         "skip_bad_images": args.skip_bad_images,
     }
     try:
-        results = run_from_args(config, overrides, resume=args.resume)
+        results = run_from_args(config, overrides, resume=args.resume, overwrite=args.overwrite)
     except USER_ERRORS as e:
         return report(e)
     print(" ".join(f"{k} {v:.4f}" for k, v in results.items()))

@@ -20,6 +20,9 @@ import logging
 import sys
 from pathlib import Path
 
+if __package__ in (None, ""):  # a script in the clone: only backbones and heads are installed, tools is not
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from tools.engine.det_train import run_from_args
 from tools.engine.errors import USER_ERRORS, report
 
@@ -63,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--allow-outside-root", action="store_true", default=None,
                    help="accept annotation file_names that are absolute or leave the images folder through '..'")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --output-dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --output-dir that holds another run's files, deleting them")
     p.add_argument("--eval-only", action="store_true", help="evaluate --weights (default: the run's model_final.pth)")
     return p.parse_args(argv)
 
@@ -103,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         "allow_outside_root": args.allow_outside_root,
     }
     try:
-        metrics = run_from_args(config, overrides, resume=args.resume, eval_only=args.eval_only)
+        metrics = run_from_args(config, overrides, resume=args.resume, eval_only=args.eval_only,
+                                overwrite=args.overwrite)
     except USER_ERRORS as e:
         return report(e)
     for iou_type, values in metrics.items():

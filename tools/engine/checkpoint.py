@@ -22,6 +22,7 @@ import os
 import random
 import re
 import tempfile
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -128,7 +129,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 class CheckpointManager:
-    """Rotating checkpoints ``OUTPUT_DIR/model_{iteration:07d}.pth`` plus ``model_final.pth``.
+    """Rotating checkpoints ``OUTPUT_DIR/model_{iteration:07d}.pth`` plus ``model_final.pth``, of one run.
+
+    A folder holds one run: :meth:`begin` continues the run found there (``resume``) or starts a new
+    one, which refuses a folder holding another run's files unless told to delete them. Every state
+    written carries the run's identity (``"run_id"``), so resume and rotation only ever see that
+    run's files.
 
     Args:
         output_dir: folder for the checkpoints (created on first save).
@@ -143,7 +149,46 @@ class CheckpointManager:
         self.output_dir = Path(output_dir)
         self.keep_last = keep_last
         self.prefix = prefix
+        self.run_id = uuid.uuid4().hex[:12]
         self._pattern = re.compile(rf"^{re.escape(prefix)}_(\d+)\.pth$")
+
+    def run_files(self) -> list[Path]:
+        """What a run leaves here that another run must not mix with: checkpoints, final weights, metrics."""
+        others = [self.final_path, self.final_path.with_suffix(".safetensors"), self.output_dir / "metrics.jsonl"]
+        return self.checkpoints() + [p for p in others if p.is_file()]
+
+    def begin(self, resume: bool, overwrite: bool = False, delete: bool = True) -> tuple[Path, dict[str, Any]] | None:
+        """Continue the run in the folder, or start a new one; returns ``(path, state)`` resumed from, or ``None``.
+
+        Args:
+            resume: continue from the newest readable checkpoint, taking over its ``run_id``. With no
+                checkpoint at all the run starts from scratch (a run killed before its first checkpoint).
+            overwrite: a new run deletes another run's files (:meth:`run_files`) instead of refusing.
+            delete: whether this process deletes them (only one process of a distributed job should).
+
+        Raises:
+            ValueError: a new run (or a resume whose checkpoints are all unreadable) would mix with the
+                files of another run; the message names them and the ways out.
+        """
+        if resume:
+            found = self.load_latest()
+            if found is not None:
+                self.run_id = str(found[1].get("run_id") or self.run_id)  # checkpoints from before run ids: adopt
+                return found
+            if not self.checkpoints():
+                return None
+        existing = self.run_files()
+        if existing and not overwrite:
+            names = ", ".join(p.name for p in existing[:4]) + (", ..." if len(existing) > 4 else "")
+            why = "none of its checkpoints can be read" if resume else "another run's files are there"
+            raise ValueError(f"{self.output_dir} holds the files of another run ({names}) and {why}: pass --resume to "
+                             "continue it, --overwrite to delete them, or choose another --output-dir")
+        if existing and delete:
+            logger.warning("--overwrite: deleting the previous run's files in %s: %s", self.output_dir,
+                           ", ".join(p.name for p in existing))
+            for path in existing:
+                path.unlink(missing_ok=True)
+        return None
 
     def path_for(self, iteration: int) -> Path:
         """Path of the checkpoint for ``iteration``."""
@@ -178,7 +223,7 @@ class CheckpointManager:
         """Atomically write ``state`` as the checkpoint for ``iteration``; then apply ``keep_last``."""
         path = self.path_for(iteration)
         self.clean_temp_files()
-        save_checkpoint(path, state)
+        save_checkpoint(path, {**state, "run_id": self.run_id})
         if self.keep_last is not None:
             for old in self.checkpoints()[: -self.keep_last]:
                 old.unlink(missing_ok=True)
@@ -186,7 +231,7 @@ class CheckpointManager:
 
     def save_final(self, state: Mapping[str, Any]) -> Path:
         """Atomically write ``model_final.pth``."""
-        save_checkpoint(self.final_path, state)
+        save_checkpoint(self.final_path, {**state, "run_id": self.run_id})
         return self.final_path
 
     def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:

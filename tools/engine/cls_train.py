@@ -35,7 +35,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torch.utils.data.dataloader import default_collate
 from torchvision.datasets import ImageFolder
 
@@ -75,6 +75,7 @@ from tools.engine.images import read_rgb_image
 from tools.engine.logger import MetricLogger, progress
 from tools.engine.plots import plot_curves
 from tools.engine.recovery import DivergenceGuard
+from tools.engine.samplers import ShardSampler
 from tools.engine.train_utils import (
     AmpSettings,
     autocast,
@@ -335,24 +336,11 @@ class _ResumableSampler(DistributedSampler):
         return super().__len__() - self.start_index
 
 
-class _ShardSampler(Sampler[int]):
-    """Every ``world_size``-th index from ``rank``: each eval image seen exactly once over all ranks."""
-
-    def __init__(self, length: int, rank: int, world_size: int) -> None:
-        self.indices = range(rank, length, world_size)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
 def _eval_loader(dataset: Dataset, batch_size: int, workers: int, rank: int, world_size: int) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=_ShardSampler(len(dataset), rank, world_size),
+        sampler=ShardSampler(len(dataset), rank, world_size),
         num_workers=workers,
         collate_fn=functools.partial(collate_skipping_none, min_images=1),
         # Own generator: creating the iterator must not draw from the global RNG (exact resume).
@@ -489,15 +477,12 @@ def _criterion(cfg: ClsTrainConfig) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def _ema_weights(ema: ModelEmaV3) -> dict[str, Tensor]:
     return ema.module.state_dict()
 
 
-def train(cfg: ClsTrainConfig, *, resume: bool = False, criterion: nn.Module | None = None) -> dict[str, float]:
+def train(cfg: ClsTrainConfig, *, resume: bool = False, overwrite: bool = False,
+          criterion: nn.Module | None = None) -> dict[str, float]:
     """Run the recipe ``cfg``; returns the final ``{"top1", "top5"}`` (plus ``ema_top1/ema_top5``).
 
     Writes to ``cfg.output_dir``: ``config.yaml``, ``model_{iter:07d}.pth`` checkpoints (every
@@ -523,12 +508,13 @@ def train(cfg: ClsTrainConfig, *, resume: bool = False, criterion: nn.Module | N
         logger.info("torchrun restarted the workers: resuming from the newest checkpoint in %s", cfg.output_dir)
         resume = True
     try:
-        return _train(cfg, info, resume, criterion)
+        return _train(cfg, info, resume, overwrite, criterion)
     finally:
         cleanup()
 
 
-def _train(cfg: ClsTrainConfig, info: Any, resume: bool, criterion: nn.Module | None) -> dict[str, float]:
+def _train(cfg: ClsTrainConfig, info: Any, resume: bool, overwrite: bool,
+           criterion: nn.Module | None) -> dict[str, float]:
     main = is_main_process()
     device = info.device
     out = Path(cfg.output_dir)
@@ -629,27 +615,25 @@ def _train(cfg: ClsTrainConfig, info: Any, resume: bool, criterion: nn.Module | 
     metrics = MetricLogger(out, enabled=main)
     start_epoch, start_iter, global_iter = 0, 0, 0
     loss_sum, loss_count, skipped_train = 0.0, 0, 0
-    if resume:
-        found = manager.load_latest()
-        if found is None:
-            if main:
-                logger.info("resume: no checkpoint in %s, starting from scratch", out)
-        else:
-            path, state = found
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            if ema is not None and state.get("ema") is not None:
-                ema.module.load_state_dict(state["ema"])
-            start_epoch, start_iter, global_iter = state["epoch"], state["iter_in_epoch"], state["iteration"]
-            loss_sum, loss_count, skipped_train = state["loss_sum"], state["loss_count"], state["skipped_train"]
-            guard.load_state_dict(state.get("divergence_guard"))
-            rng = state["rng"]
-            set_rng_state(rng[info.rank] if len(rng) == info.world_size else rng[0])
-            if main:
-                logger.info("resumed from %s (epoch %d, iteration %d)", path, start_epoch, global_iter)
+    found = manager.begin(resume, overwrite, delete=main)
+    if resume and found is None and main:
+        logger.info("resume: no checkpoint in %s, starting from scratch", out)
+    if found is not None:
+        path, state = found
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.module.load_state_dict(state["ema"])
+        start_epoch, start_iter, global_iter = state["epoch"], state["iter_in_epoch"], state["iteration"]
+        loss_sum, loss_count, skipped_train = state["loss_sum"], state["loss_count"], state["skipped_train"]
+        guard.load_state_dict(state.get("divergence_guard"))
+        rng = state["rng"]
+        set_rng_state(rng[info.rank] if len(rng) == info.world_size else rng[0])
+        if main:
+            logger.info("resumed from %s (epoch %d, iteration %d)", path, start_epoch, global_iter)
     if main:
         save_config(cfg, out / "config.yaml")
 
@@ -814,7 +798,8 @@ def _train(cfg: ClsTrainConfig, info: Any, resume: bool, criterion: nn.Module | 
     return final
 
 
-def run_from_args(config: str | Path | None, overrides: dict[str, Any], resume: bool = False) -> dict[str, float]:
+def run_from_args(config: str | Path | None, overrides: dict[str, Any], resume: bool = False,
+                  overwrite: bool = False) -> dict[str, float]:
     """Build the config (logging schedule changes) and train; the body of ``tools/train_cls.py``.
 
     ``config=None`` with ``data`` in ``overrides`` chooses the recipe and image size from the
@@ -830,5 +815,5 @@ def run_from_args(config: str | Path | None, overrides: dict[str, Any], resume: 
     cfg, messages = build_config(config, overrides)
     for m in messages:
         logger.info(m)
-    return train(cfg, resume=resume)
+    return train(cfg, resume=resume, overwrite=overwrite)
 

@@ -41,6 +41,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from tools.engine.images import read_rgb_array
+from tools.engine.samplers import ShardSampler
 
 logger = logging.getLogger(__name__)
 
@@ -588,20 +589,6 @@ class GroupedBatchSampler(Sampler[list[int]]):
         return sum(math.ceil(n / self.batch_size) for n in per_group.values())
 
 
-class _ShardSampler(Sampler[int]):
-    """Indices ``rank, rank + world, ...`` in order: every image evaluated exactly once over all ranks
-    (DistributedSampler pads with repeats, which would count duplicate detections in COCO eval)."""
-
-    def __init__(self, length: int, num_replicas: int, rank: int) -> None:
-        self.indices = list(range(rank, length, num_replicas))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
 class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
     """Wraps a per-epoch batch sampler so that any batch can be reproduced from (seed, epoch, batch).
 
@@ -699,7 +686,7 @@ def build_det_loader(dataset: Dataset, batch_size: int, *, train: bool, workers:
         return DataLoader(SeededDataset(dataset), batch_sampler=ResumableBatchSampler(batches, seed, rank),
                           num_workers=workers, collate_fn=collate_detection, generator=generator)
 
-    sampler = _ShardSampler(len(dataset), num_replicas, rank)
+    sampler = ShardSampler(len(dataset), rank, num_replicas)
     batches = (GroupedBatchSampler(sampler, ratios, batch_size, drop_last=False) if group_aspect
                else BatchSampler(sampler, batch_size, drop_last=False))
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_detection,

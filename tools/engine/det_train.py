@@ -459,7 +459,7 @@ def _prediction_grid(model: nn.Module, dataset: CocoDetection, count: int, devic
 # ----------------------------------------------------------------------------- training
 
 
-def train(cfg: DetTrainConfig, *, resume: bool = False) -> dict[str, dict[str, float]]:
+def train(cfg: DetTrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, dict[str, float]]:
     """Run the recipe ``cfg``; returns the final COCO metrics ``{"bbox": {...}, "segm"?: {...}}``.
 
     Writes to ``cfg.output_dir``: ``config.yaml``, ``model_{iter:07d}.pth`` checkpoints (every
@@ -486,12 +486,12 @@ def train(cfg: DetTrainConfig, *, resume: bool = False) -> dict[str, dict[str, f
         logger.info("torchrun restarted the workers: resuming from the newest checkpoint in %s", cfg.output_dir)
         resume = True
     try:
-        return _train(cfg, info, resume)
+        return _train(cfg, info, resume, overwrite)
     finally:
         cleanup()
 
 
-def _train(cfg: DetTrainConfig, info: Any, resume: bool) -> dict[str, dict[str, float]]:
+def _train(cfg: DetTrainConfig, info: Any, resume: bool, overwrite: bool) -> dict[str, dict[str, float]]:
     _check_config(cfg)
     main = is_main_process()
     device = info.device
@@ -515,7 +515,7 @@ def _train(cfg: DetTrainConfig, info: Any, resume: bool) -> dict[str, dict[str, 
     spec = model_spec(cfg, len(class_names) + 1)
 
     manager = CheckpointManager(out, keep_last=cfg.keep_last)
-    found = manager.load_latest() if resume else None
+    found = manager.begin(resume, overwrite, delete=main)
     if resume and found is None and main:
         logger.info("resume: no checkpoint in %s, starting from scratch", out)
 
@@ -703,7 +703,7 @@ def load_start_weights(model: nn.Module, pretrained: str | Path | None = None, w
 
 
 def run_from_args(config: str | Path | None, overrides: dict[str, Any], resume: bool = False,
-                  eval_only: bool = False) -> dict[str, dict[str, float]]:
+                  eval_only: bool = False, overwrite: bool = False) -> dict[str, dict[str, float]]:
     """Build the config (logging schedule changes), then train or, with ``eval_only``, evaluate; the body of
     ``tools/train_det.py``.
 
@@ -732,7 +732,7 @@ def run_from_args(config: str | Path | None, overrides: dict[str, Any], resume: 
         if "max_size" in given:
             model_overrides["max_size"] = given["max_size"]
         return evaluate_config(cfg, model_overrides)
-    return train(cfg, resume=resume)
+    return train(cfg, resume=resume, overwrite=overwrite)
 
 
 def evaluate_config(cfg: DetTrainConfig, model_overrides: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
