@@ -13,12 +13,12 @@ from tools.engine.coco_data import (
     CocoDetection,
     GroupedBatchSampler,
     InfiniteBatches,
-    _ShardSampler,
     build_det_loader,
     build_det_transforms,
     collate_detection,
     detections_to_coco_results,
 )
+from tools.engine.samplers import ShardSampler
 from tools.engine.shapes import make_shapes_coco
 
 
@@ -192,7 +192,7 @@ def test_grouped_sampler_with_distributed_sampler(dataset):
         assert all(len(b) == 3 and len({_orientation(dataset, i) for i in b}) == 1 for b in batches)
         seen += [i for b in batches for i in b]
     assert len(set(lengths)) == 1  # every rank runs the same number of steps
-    shards = [list(_ShardSampler(n, 3, r)) for r in range(3)]
+    shards = [list(ShardSampler(n, r, 3)) for r in range(3)]
     assert sorted(sum(shards, [])) == list(range(n))
 
 
