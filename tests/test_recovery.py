@@ -206,6 +206,17 @@ def test_cls_recovery_composes_with_kill_and_resume(tint, tmp_path, caplog):
         assert torch.equal(value, resumed["model"][key]), key
 
 
+def test_resume_skips_a_checkpoint_that_does_not_fit_the_model(tint, tmp_path):
+    cls_train.train(_cls_cfg(tint, tmp_path))  # checkpoints at iterations 4, 8, 12
+    newest = tmp_path / "model_0000012.pth"
+    state = load_checkpoint(newest)
+    state["model"]["fc.weight"] = torch.zeros(3, state["model"]["fc.weight"].shape[1])  # another recipe's classifier
+    torch.save(state, newest)
+    with pytest.warns(RuntimeWarning, match=r"skipping checkpoint .*model_0000012.pth: it does not fit this run"):
+        cls_train.train(_cls_cfg(tint, tmp_path), resume=True)  # goes on from iteration 8 instead
+    assert load_checkpoint(tmp_path / "model_0000012.pth")["model"]["fc.weight"].shape[0] == 2  # rewritten by the run
+
+
 # ----------------------------------------------------------------------------- schedules and recipes
 
 

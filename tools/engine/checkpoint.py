@@ -25,7 +25,7 @@ import tempfile
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import safetensors.torch
@@ -157,7 +157,8 @@ class CheckpointManager:
         others = [self.final_path, self.final_path.with_suffix(".safetensors"), self.output_dir / "metrics.jsonl"]
         return self.checkpoints() + [p for p in others if p.is_file()]
 
-    def begin(self, resume: bool, overwrite: bool = False, delete: bool = True) -> tuple[Path, dict[str, Any]] | None:
+    def begin(self, resume: bool, overwrite: bool = False, delete: bool = True,
+              accept: Callable[[dict[str, Any]], object] | None = None) -> tuple[Path, dict[str, Any]] | None:
         """Continue the run in the folder, or start a new one; returns ``(path, state)`` resumed from, or ``None``.
 
         Args:
@@ -165,13 +166,14 @@ class CheckpointManager:
                 checkpoint at all the run starts from scratch (a run killed before its first checkpoint).
             overwrite: a new run deletes another run's files (:meth:`run_files`) instead of refusing.
             delete: whether this process deletes them (only one process of a distributed job should).
+            accept: see :meth:`load_latest`.
 
         Raises:
             ValueError: a new run (or a resume whose checkpoints are all unreadable) would mix with the
                 files of another run; the message names them and the ways out.
         """
         if resume:
-            found = self.load_latest()
+            found = self.load_latest(accept=accept)
             if found is not None:
                 self.run_id = str(found[1].get("run_id") or self.run_id)  # checkpoints from before run ids: adopt
                 return found
@@ -180,7 +182,7 @@ class CheckpointManager:
         existing = self.run_files()
         if existing and not overwrite:
             names = ", ".join(p.name for p in existing[:4]) + (", ..." if len(existing) > 4 else "")
-            why = "none of its checkpoints can be read" if resume else "another run's files are there"
+            why = "none of its checkpoints can be read or fits this run" if resume else "another run's files are there"
             raise ValueError(f"{self.output_dir} holds the files of another run ({names}) and {why}: pass --resume to "
                              "continue it, --overwrite to delete them, or choose another --output-dir")
         if existing and delete:
@@ -234,24 +236,36 @@ class CheckpointManager:
         save_checkpoint(self.final_path, {**state, "run_id": self.run_id})
         return self.final_path
 
-    def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:
+    def load_latest(self, map_location: str | torch.device = "cpu",
+                    accept: Callable[[dict[str, Any]], object] | None = None) -> tuple[Path, dict[str, Any]] | None:
         """``(path, state)`` of the newest periodic checkpoint that loads, or ``None``.
 
-        Newer files that fail to load (truncated, corrupt, unsafe) are skipped with a
-        ``RuntimeWarning`` naming their path; they are left on disk for inspection. When
-        checkpoints exist but none loads, a warning is logged saying so.
+        Newer files that fail to load (truncated, corrupt, unsafe), or whose state ``accept`` rejects
+        by raising (e.g. ``model.load_state_dict`` on weights of another model), are skipped with a
+        ``RuntimeWarning`` naming their path; they are left on disk for inspection. When checkpoints
+        exist but none loads, a warning is logged saying so.
         """
         self.clean_temp_files()
         found = self.checkpoints()
         for path in reversed(found):
             try:
-                return path, load_checkpoint(path, map_location)
+                state = load_checkpoint(path, map_location)
             except Exception as e:  # any failure means "not a usable checkpoint"
                 reason = str(e) if str(path) in str(e) else f"{type(e).__name__}: {e}"
                 warnings.warn(f"skipping unreadable checkpoint {path}: {reason}", RuntimeWarning, stacklevel=2)
+                continue
+            try:
+                if accept is not None:
+                    accept(state)
+            except (KeyError, RuntimeError, TypeError, ValueError) as e:
+                first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                warnings.warn(f"skipping checkpoint {path}: it does not fit this run ({first_line})", RuntimeWarning,
+                              stacklevel=2)
+                continue
+            return path, state
         if found:
-            logger.warning("none of the %d checkpoints in %s could be read (%s): starting as if there were none; "
-                           "the unreadable files are left in place", len(found), self.output_dir,
+            logger.warning("none of the %d checkpoints in %s could be read%s (%s); the files are left in place",
+                           len(found), self.output_dir, " or fits this run" if accept is not None else "",
                            ", ".join(p.name for p in found))
         return None
 

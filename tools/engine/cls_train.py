@@ -615,12 +615,12 @@ def _train(cfg: ClsTrainConfig, info: Any, resume: bool, overwrite: bool,
     metrics = MetricLogger(out, enabled=main)
     start_epoch, start_iter, global_iter = 0, 0, 0
     loss_sum, loss_count, skipped_train = 0.0, 0, 0
-    found = manager.begin(resume, overwrite, delete=main)
+    # Resume loads the weights here: a checkpoint they do not fit (another recipe's) is skipped for an older one.
+    found = manager.begin(resume, overwrite, delete=main, accept=lambda state: model.load_state_dict(state["model"]))
     if resume and found is None and main:
         logger.info("resume: no checkpoint in %s, starting from scratch", out)
     if found is not None:
         path, state = found
-        model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):

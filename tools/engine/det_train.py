@@ -514,12 +514,12 @@ def _train(cfg: DetTrainConfig, info: Any, resume: bool, overwrite: bool) -> dic
     label_to_cat_id = dict(train_set.label_to_cat_id)
     spec = model_spec(cfg, len(class_names) + 1)
 
+    model = build_model(spec)
     manager = CheckpointManager(out, keep_last=cfg.keep_last)
-    found = manager.begin(resume, overwrite, delete=main)
+    # Resume loads the weights here: a checkpoint they do not fit (another recipe's) is skipped for an older one.
+    found = manager.begin(resume, overwrite, delete=main, accept=lambda state: model.load_state_dict(state["model"]))
     if resume and found is None and main:
         logger.info("resume: no checkpoint in %s, starting from scratch", out)
-
-    model = build_model(spec)
     if found is None:
         load_start_weights(model, cfg.pretrained, cfg.weights, verbose=main)
     if cfg.sync_bn and info.enabled:
@@ -551,7 +551,6 @@ def _train(cfg: DetTrainConfig, info: Any, resume: bool, overwrite: bool) -> dic
     start_iter = 0
     if found is not None:
         path, state = found
-        model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
