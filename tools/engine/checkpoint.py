@@ -41,6 +41,7 @@ __all__ = [
     "CheckpointManager",
     "get_rng_state",
     "set_rng_state",
+    "restore_training_state",
     "export_weights",
     "load_metadata",
     "UnsafeCheckpointError",
@@ -273,6 +274,19 @@ class CheckpointManager:
         """Path of the newest periodic checkpoint that loads correctly, or ``None``."""
         found = self.load_latest()
         return None if found is None else found[0]
+
+
+def restore_training_state(state: Mapping[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any,
+                           scaler: Any, guard: Any, rank: int, world_size: int) -> None:
+    """Restore what a resumed run goes on from besides the weights (loaded while the checkpoint was chosen): the
+    optimizer, scheduler, AMP scaler (when both exist), divergence guard and this rank's RNG states."""
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    guard.load_state_dict(state.get("divergence_guard"))
+    rng = state["rng"]
+    set_rng_state(rng[rank] if len(rng) == world_size else rng[0])  # one saved stream per rank, else the first
 
 
 def get_rng_state() -> dict[str, Any]:

@@ -47,7 +47,7 @@ from tools.engine.checkpoint import (
     get_rng_state,
     load_checkpoint,
     load_metadata,
-    set_rng_state,
+    restore_training_state,
 )
 from tools.engine.config import (
     bounds,
@@ -621,17 +621,11 @@ def _train(cfg: ClsTrainConfig, info: Any, resume: bool, overwrite: bool,
         logger.info("resume: no checkpoint in %s, starting from scratch", out)
     if found is not None:
         path, state = found
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+        restore_training_state(state, optimizer, scheduler, scaler, guard, info.rank, info.world_size)
         if ema is not None and state.get("ema") is not None:
             ema.module.load_state_dict(state["ema"])
         start_epoch, start_iter, global_iter = state["epoch"], state["iter_in_epoch"], state["iteration"]
         loss_sum, loss_count, skipped_train = state["loss_sum"], state["loss_count"], state["skipped_train"]
-        guard.load_state_dict(state.get("divergence_guard"))
-        rng = state["rng"]
-        set_rng_state(rng[info.rank] if len(rng) == info.world_size else rng[0])
         if main:
             logger.info("resumed from %s (epoch %d, iteration %d)", path, start_epoch, global_iter)
     if main:

@@ -47,7 +47,7 @@ from tools.engine.checkpoint import (
     get_rng_state,
     load_checkpoint,
     load_metadata,
-    set_rng_state,
+    restore_training_state,
 )
 from tools.engine.coco_data import (
     CocoDetection,
@@ -551,14 +551,8 @@ def _train(cfg: DetTrainConfig, info: Any, resume: bool, overwrite: bool) -> dic
     start_iter = 0
     if found is not None:
         path, state = found
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+        restore_training_state(state, optimizer, scheduler, scaler, guard, info.rank, info.world_size)
         start_iter = int(state["iteration"])
-        guard.load_state_dict(state.get("divergence_guard"))
-        rng = state["rng"]
-        set_rng_state(rng[info.rank] if len(rng) == info.world_size else rng[0])
         if main:
             logger.info("resumed from %s (iteration %d)", path, start_iter)
     if main:
