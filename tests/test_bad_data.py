@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tools.engine.coco_data import CocoDetection
+from tools.engine.coco_dataset import CocoDetection
 from tools.engine.shapes import make_shapes_coco
 
-LOGGER = "tools.engine.coco_data"
+LOGGER = "tools.engine.coco_dataset"
 
 
 @pytest.fixture(scope="module")
@@ -466,7 +466,7 @@ def test_pixel_limit_checked_before_decoding(tmp_path, base, monkeypatch):
 
 
 def test_masks_stay_zero_one_through_the_training_transforms(base):
-    from tools.engine.coco_data import build_det_transforms
+    from tools.engine.coco_dataset import build_det_transforms
 
     images, data = base
     ds = CocoDetection(images, images.parent / "annotations" / "instances_train.json",

@@ -202,7 +202,7 @@ def test_unreadable_training_image_named_by_train_cls(workers, imagefolder, cls_
 
 
 def test_skipping_never_leaves_a_training_batch_of_one():
-    from tools.engine.cls_train import collate_skipping_none
+    from tools.engine.cls_data import collate_skipping_none
 
     sample = (torch.zeros(3, 4, 4), 1)
     assert collate_skipping_none([None, sample]) == (None, None, 2)  # BatchNorm would fail on one image
@@ -236,7 +236,8 @@ def det_weights(coco, tmp_path_factory) -> Path:
     """An untrained tiny detector with its model spec, as the tools write it."""
     from tools.engine.checkpoint import export_weights
     from tools.engine.config import load_config
-    from tools.engine.det_train import DetTrainConfig, build_model, model_spec
+    from tools.engine.det_config import DetTrainConfig, model_spec
+    from tools.engine.det_model import build_model
 
     spec = model_spec(load_config(DetTrainConfig, None, DET_TINY), num_classes=4)
     return export_weights(build_model(spec), tmp_path_factory.mktemp("w") / "det.safetensors",
@@ -315,7 +316,7 @@ def test_stored_model_spec_checked_like_a_config(change, named, det_weights, coc
 
 
 def test_stored_classifier_settings_checked_like_a_config(imagefolder, tmp_path, capsys):
-    from tools.engine.cls_train import build_model
+    from tools.engine.cls_config import build_model
 
     model = build_model("resnet18", 2, {"base_channels": 8})
     base = {"model": model.state_dict(), "model_name": "resnet18", "model_options": {"base_channels": 8},

@@ -9,15 +9,10 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import DistributedSampler, SequentialSampler
 from torchvision import tv_tensors
 
-from tools.engine.coco_data import (
-    CocoDetection,
-    GroupedBatchSampler,
-    InfiniteBatches,
-    build_det_loader,
-    build_det_transforms,
-    collate_detection,
-    detections_to_coco_results,
-)
+from tools.engine.coco_dataset import CocoDetection, build_det_transforms, collate_detection
+from tools.engine.coco_results import detections_to_coco_results
+from tools.engine.det_loader import InfiniteBatches, build_det_loader
+from tools.engine.samplers import GroupedBatchSampler
 from tools.engine.samplers import ShardSampler
 from tools.engine.shapes import make_shapes_coco
 

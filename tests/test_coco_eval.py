@@ -11,14 +11,10 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from tools.engine.coco_data import CocoDetection, detections_to_coco_results
-from tools.engine.coco_eval import (
-    METRIC_NAMES,
-    evaluate_coco,
-    load_results,
-    results_have_segm,
-    write_metrics,
-)
+from tools.engine.coco_dataset import CocoDetection
+from tools.engine.coco_results import detections_to_coco_results
+from tools.engine.coco_eval import METRIC_NAMES, evaluate_coco, write_metrics
+from tools.engine.coco_results import load_results, results_have_segm
 from tools.engine.shapes import make_shapes_coco
 
 

@@ -7,7 +7,7 @@ from typing import Literal
 
 import pytest
 
-from tools.engine.cls_train import ClsTrainConfig, build_config
+from tools.engine.cls_config import ClsTrainConfig, build_config
 from tools.engine.config import config_to_dict, load_config, rescale_schedule, save_config, scale_lr
 
 REPO = Path(__file__).resolve().parent.parent
@@ -209,7 +209,7 @@ def test_out_of_range_numbers_rejected_at_load_naming_the_key(tmp_path, text, ke
 @pytest.mark.parametrize("text,key", [("iters: 0", "iters"), ("lr: -1", "lr"), ("weight_decay_norm: -1", "weight_decay_norm"),
                                       ("keep_last: 0", "keep_last"), ("min_sizes: [0]", "min_sizes")])
 def test_detection_bounds(tmp_path, text, key):
-    from tools.engine.det_train import DetTrainConfig
+    from tools.engine.det_config import DetTrainConfig
 
     with pytest.raises(ValueError, match=rf"det\.yaml: config key '{key}' must be"):
         load_config(DetTrainConfig, write(tmp_path / "det.yaml", text + "\n"))
@@ -222,7 +222,7 @@ def test_detection_bounds(tmp_path, text, key):
     ("detector_options: {rpn_head: conv}", "rpn_head"), ("detector_options: {box_nms: 0.5}", "box_nms"),
 ])
 def test_unknown_option_keys_list_the_valid_ones(tmp_path, text, key):
-    from tools.engine.det_train import build_config as build_det_config
+    from tools.engine.det_config import build_config as build_det_config
 
     path = write(tmp_path / "det.yaml", text + "\n")
     with pytest.raises(ValueError, match=rf"det\.yaml: \w+_options has unknown key\(s\) \['{key}'\]; valid keys: \[") as info:
@@ -231,7 +231,7 @@ def test_unknown_option_keys_list_the_valid_ones(tmp_path, text, key):
 
 
 def test_unknown_model_option_and_timm_loading_keys(tmp_path):
-    from tools.engine.det_train import build_config as build_det_config
+    from tools.engine.det_config import build_config as build_det_config
 
     with pytest.raises(ValueError, match=r"model_options has unknown key\(s\) \['depht'\]; valid keys: .*'deep_stem'"):
         build_config(write(tmp_path / "cls.yaml", "model_options: {depht: 18}\n"))

@@ -13,7 +13,9 @@ from pycocotools import mask as mask_utils
 from tools import eval_coco, infer
 from tools.engine.coco_eval import METRIC_NAMES
 from tools.engine.config import load_config
-from tools.engine.det_train import DetTrainConfig, load_detector, train
+from tools.engine.det_config import DetTrainConfig
+from tools.engine.det_model import load_detector
+from tools.engine.det_train import train
 from tools.engine.shapes import make_shapes_coco
 from tools.engine.visualize import draw_detections, save_grid
 from helpers import TINY_DETECTOR

@@ -184,7 +184,7 @@ def test_restarted_worker_resumes_without_the_flag(tmp_path, monkeypatch, caplog
         monkeypatch.delenv(var, raising=False)
     cls_train.train(cfg)
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    with caplog.at_level(logging.INFO, logger=cls_train.__name__):
+    with caplog.at_level(logging.INFO, logger="tools.engine"):
         cls_train.train(cfg)  # no resume=True: the restart count alone makes it resume
     assert "torchrun restarted the workers" in caplog.text
     assert "resumed from" in caplog.text and "model_0000002.pth" in caplog.text

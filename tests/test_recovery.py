@@ -267,7 +267,7 @@ def test_det_recipe_from_the_data(tmp_path):
 def test_det_run_from_args_applies_the_recipe_under_given_flags(shapes, tmp_path, monkeypatch, caplog):
     seen = {}
     monkeypatch.setattr(det_train, "train", lambda cfg, **kwargs: seen.setdefault("cfg", cfg) and {})
-    with caplog.at_level(logging.INFO, logger="tools.engine.det_train"):
+    with caplog.at_level(logging.INFO, logger="tools.engine"):
         det_train.run_from_args(None, {**shapes, "batch_size": 2, "min_sizes": [96], "output_dir": str(tmp_path)})
     cfg = seen["cfg"]
     assert cfg.iters == 1000 and cfg.warmup_iters == 100 and cfg.min_sizes == (96,)  # the flag wins

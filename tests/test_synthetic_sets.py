@@ -13,7 +13,7 @@ from pycocotools import mask as mask_utils
 from torchvision.datasets import ImageFolder
 
 from tools import make_synthetic, reference_loops
-from tools.engine.coco_data import CocoDetection
+from tools.engine.coco_dataset import CocoDetection
 from tools.engine.shapes import COCO_CATEGORIES
 from tools.engine.synthetic_sets import STYLES, cls_classes, make_cls_set, make_det_set
 

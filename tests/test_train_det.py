@@ -19,7 +19,9 @@ from helpers import TINY_DETECTOR, randomize_norm_stats
 from tools.engine import det_train
 from tools.engine.coco_eval import METRIC_NAMES
 from tools.engine.config import load_config
-from tools.engine.det_train import DetTrainConfig, WarmupMultiStep, build_config, build_model, model_spec, train
+from tools.engine.det_config import DetTrainConfig, build_config, model_spec
+from tools.engine.det_model import build_model
+from tools.engine.det_train import WarmupMultiStep, train
 from tools.engine.shapes import make_shapes_coco
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,12 +138,12 @@ def faster_run(shapes, tmp_path_factory):
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
-    logging.getLogger(det_train.__name__).addHandler(handler)
-    logging.getLogger(det_train.__name__).setLevel(logging.INFO)
+    logging.getLogger("tools.engine").addHandler(handler)
+    logging.getLogger("tools.engine").setLevel(logging.INFO)
     try:
         metrics = train(cfg)
     finally:
-        logging.getLogger(det_train.__name__).removeHandler(handler)
+        logging.getLogger("tools.engine").removeHandler(handler)
     return out, metrics, [r.getMessage() for r in records]
 
 

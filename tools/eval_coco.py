@@ -22,7 +22,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # a script in the clone: only backbones and heads are installed, tools is not
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.engine.det_train import evaluate_checkpoint, score_results_file
+from tools.engine.det_eval import evaluate_checkpoint, score_results_file
 from tools.engine.errors import USER_ERRORS, report
 
 

@@ -14,7 +14,7 @@ Example::
 """
 from __future__ import annotations
 
-import json
+import logging
 import os
 import statistics
 from dataclasses import dataclass
@@ -23,6 +23,8 @@ from typing import Any
 
 from PIL import Image
 
+from tools.engine.values import read_json
+
 __all__ = [
     "DetDataStats",
     "ClsDataStats",
@@ -30,9 +32,12 @@ __all__ = [
     "cls_data_stats",
     "det_recipe",
     "cls_recipe",
+    "under_flags",
     "SMALL_DET_SET",
     "LARGE_CLS_SET",
 ]
+
+logger = logging.getLogger(__name__)
 
 # Below this many training images a detection set is "small": 128 sampled RoIs per image instead of 512
 # (detectron2's advice for small datasets; the box and mask heads then train on a quarter of the RoIs).
@@ -71,7 +76,7 @@ class ClsDataStats:
 def det_data_stats(ann_file: str | Path) -> DetDataStats:
     """Image count, median image sides and objects per image of a COCO instances file (its JSON only)."""
     try:
-        data = json.loads(Path(ann_file).read_bytes().decode("utf-8-sig"))
+        data = read_json(ann_file, "annotation file")
         images = [im for im in data.get("images", []) if isinstance(im, dict)]
         sides = [(float(im["width"]), float(im["height"])) for im in images
                  if isinstance(im.get("width"), (int, float)) and isinstance(im.get("height"), (int, float))]
@@ -166,3 +171,12 @@ def cls_recipe(stats: ClsDataStats) -> tuple[Path, dict[str, Any], dict[str, str
                              f"{stats.median_short_side:.0f} px",
                **why_workers}
     return _CLS_RECIPES / "small_set.yaml", {"image_size": size, **workers}, reasons
+
+
+def under_flags(values: dict[str, Any], reasons: dict[str, str], given: dict[str, Any]) -> dict[str, Any]:
+    """The values chosen from the data with the flags ``given`` on top; logs the reason for each chosen value
+    that no flag overrides."""
+    for key, reason in reasons.items():
+        if key not in given:
+            logger.info("recipe from the data (--config to choose one): %s", reason)
+    return {**values, **given}

@@ -38,6 +38,7 @@ from tools.engine.faults import crash_point
 __all__ = [
     "save_checkpoint",
     "load_checkpoint",
+    "load_run_file",
     "CheckpointManager",
     "get_rng_state",
     "set_rng_state",
@@ -128,6 +129,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
     return state
 
+
+
+def load_run_file(path: str | Path) -> dict[str, Any]:
+    """A checkpoint (:func:`load_checkpoint`), or for a ``.safetensors`` file its header's metadata (what the
+    training tools store to rebuild the model) with the weights under ``"model"``."""
+    state = load_checkpoint(path)
+    if Path(path).suffix == ".safetensors":
+        state = {**load_metadata(path), "model": state}
+    return state
 
 class CheckpointManager:
     """Rotating checkpoints ``OUTPUT_DIR/model_{iteration:07d}.pth`` plus ``model_final.pth``, of one run.

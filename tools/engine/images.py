@@ -1,6 +1,6 @@
 """Reading image files for training and evaluation: size checked from the header, every pixel format to RGB.
 
-Both data pipelines read through here: detection (:func:`tools.engine.coco_data.load_rgb_image`, float
+Both data pipelines read through here: detection (:func:`tools.engine.coco_dataset.load_rgb_image`, float
 pixels) and classification (the ImageFolder of :mod:`tools.engine.cls_train`, 8-bit PIL images).
 
 * The pixel count is checked against ``PIL.Image.MAX_IMAGE_PIXELS`` from the header, before anything is

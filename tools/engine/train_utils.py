@@ -1,15 +1,14 @@
-"""Small pieces every training loop needs: seeding, AMP policy, divergence checks, gradient clipping."""
+"""Small pieces every training loop needs: seeding, AMP policy, gradient clipping, the optimizer step."""
 from __future__ import annotations
 
 import contextlib
-import math
 import random
-from typing import Iterable, Literal, Mapping, NamedTuple
+from typing import Iterable, Literal, NamedTuple
 
 import numpy as np
 import torch
 
-__all__ = ["seed_everything", "AmpSettings", "resolve_amp", "autocast", "check_finite", "clip_gradients"]
+__all__ = ["seed_everything", "AmpSettings", "resolve_amp", "autocast", "clip_gradients", "backward_and_step"]
 
 
 def seed_everything(seed: int) -> None:
@@ -55,22 +54,6 @@ def autocast(device: torch.device, amp: AmpSettings) -> contextlib.AbstractConte
     if amp.dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=amp.dtype)
-
-
-def check_finite(loss_dict: Mapping[str, torch.Tensor], iteration: int) -> None:
-    """Raise ``FloatingPointError`` if any loss term is NaN or infinite.
-
-    The message names ``iteration`` and every term's value, so a diverged run says where
-    and which loss went first.
-    """
-    values = {k: float(v.detach().float().item()) for k, v in loss_dict.items()}
-    if all(math.isfinite(v) for v in values.values()):
-        return
-    terms = ", ".join(f"{k}={v}" for k, v in values.items())
-    raise FloatingPointError(
-        f"loss became non-finite at iteration {iteration}: {terms}. "
-        "Lower the learning rate, enable gradient clipping (clip_grad_norm) or check the data."
-    )
 
 
 def clip_gradients(
