@@ -6,7 +6,7 @@ One ``ResNet`` class driven by ``ARCH_SETTINGS``; parameter names are torchvisio
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -41,11 +41,10 @@ _OUTPUT_STRIDES = (8, 16, 32)
 class _MaxPoolRecompute(torch.autograd.Function):
     """Max-pool whose backward finds the argmax again instead of keeping it from the forward.
 
-    ``F.max_pool2d`` with autograd keeps int64 indices, twice the size of the float32 output (25.7 MB for the stem
-    of a batch of 16 at 224 px), alive until the backward reaches the stem: across the step's memory peak. The
-    input is kept instead, which costs nothing: the stem's in-place ReLU keeps it already. The backward pools once
-    more (9 ms for a batch of 16 at 224 px on 2 CPU cores, under 1% of a ResNet-18 step), and the gradient is the
-    same, ties included.
+    ``F.max_pool2d`` with autograd keeps int64 indices, twice the size of the float32 output, alive until the
+    backward reaches the stem: across the step's memory peak. The input is kept instead, which costs nothing: the
+    stem's in-place ReLU keeps it already. The backward pools once more (BENCHMARKS.md, design measurements), and
+    the gradient is the same, ties included.
     """
 
     @staticmethod
@@ -154,7 +153,7 @@ class BasicBlock(_Block):
         identity = self._shortcut(x)
         out = self.relu(conv_norm(self.conv1, self.bn1, x))
         out = self.drop_path(self._conv2(out))
-        out += identity  # in place: no new activation-sized buffer to allocate and fault in (~9% of R50 eager)
+        out += identity  # in place: no new activation-sized buffer to allocate and fault in
         return self.relu(out)
 
 
@@ -196,7 +195,7 @@ class Bottleneck(_Block):
         out = self.relu(conv_norm(self.conv1, self.bn1, x))
         out = self.relu(self._conv2(out))
         out = self.drop_path(conv_norm(self.conv3, self.bn3, out))
-        out += identity  # in place: no new activation-sized buffer to allocate and fault in (~9% of R50 eager)
+        out += identity  # in place: no new activation-sized buffer to allocate and fault in
         return self.relu(out)
 
 
@@ -240,6 +239,80 @@ class _NoOp:
 
     def __exit__(self, *exc) -> None:
         pass
+
+
+def _check_arguments(depth: int, out_features: Optional[Sequence[str]], frozen_stages: int, output_stride: int,
+                     deform_stages: Sequence[str], groups: int, width_per_group: int, base_channels: int,
+                     drop_path_rate: float) -> Optional[tuple[str, ...]]:
+    """ValueError, with the valid values, for arguments ``ResNet`` cannot build; returns ``out_features`` as a tuple."""
+    if depth not in ARCH_SETTINGS:
+        raise ValueError(f"depth must be one of {sorted(ARCH_SETTINGS)}, got {depth!r}")
+    if out_features is not None:
+        out_features = tuple(out_features)
+        if not out_features or any(n not in STAGE_NAMES for n in out_features) or list(out_features) != sorted(
+            set(out_features), key=STAGE_NAMES.index
+        ):
+            raise ValueError(
+                f"out_features must be None or a non-empty ordered subset of {STAGE_NAMES}, got {out_features!r}"
+            )
+    if not isinstance(frozen_stages, int) or not 0 <= frozen_stages <= 5:
+        raise ValueError(f"frozen_stages must be in 0..5, got {frozen_stages!r}")
+    if output_stride not in _OUTPUT_STRIDES:
+        raise ValueError(f"output_stride must be one of {_OUTPUT_STRIDES}, got {output_stride!r}")
+    bad = [s for s in deform_stages if s not in STAGE_NAMES]
+    if bad:
+        raise ValueError(f"deform_stages must be names from {STAGE_NAMES}, got {tuple(deform_stages)!r}")
+    if groups < 1 or width_per_group < 1 or base_channels < 1:
+        raise ValueError(
+            f"groups, width_per_group and base_channels must be positive, got {groups}, {width_per_group}, "
+            f"{base_channels}"
+        )
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
+    if ARCH_SETTINGS[depth][0] is BasicBlock and (groups != 1 or width_per_group != 64):
+        raise ValueError(f"ResNet-{depth} (BasicBlock) supports only groups=1 and width_per_group=64")
+    return out_features
+
+
+def _stem_conv(base_channels: int, norm_layer: Callable[[int], nn.Module]) -> nn.Sequential:
+    """The deep stem's three 3x3 convolutions (ResNet-C), the first with stride 2."""
+    stem = base_channels // 2
+    return nn.Sequential(
+        nn.Conv2d(3, stem, 3, 2, 1, bias=False),
+        norm_layer(stem),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(stem, stem, 3, 1, 1, bias=False),
+        norm_layer(stem),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(stem, base_channels, 3, 1, 1, bias=False),
+    )
+
+
+def _make_stage(block: type[_Block], inplanes: int, planes: int, stride: int, dilations: tuple[int, int],
+                drop_rates: Sequence[float], avg_down: bool, norm_layer: Callable[[int], nn.Module],
+                **block_options: Any) -> nn.Sequential:
+    """One stage: its first block strides (and projects the shortcut), the rest keep the shape.
+
+    ``dilations``: the first block's and the others' (they differ where dilation replaces the stride).
+    ``avg_down``: the shortcut average-pools, then projects with a 1x1 conv at stride 1 (ResNet-D).
+    """
+    downsample = None
+    if stride != 1 or inplanes != planes * block.expansion:
+        conv = nn.Conv2d(inplanes, planes * block.expansion, 1, 1 if avg_down else stride, bias=False)
+        if avg_down and stride != 1:
+            parts = [nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False), conv]
+        elif avg_down:
+            parts = [nn.Identity(), conv]
+        else:
+            parts = [conv]
+        downsample = Downsample(*parts, norm_layer(planes * block.expansion))
+    blocks = []
+    for j, rate in enumerate(drop_rates):
+        blocks.append(block(inplanes if j == 0 else planes * block.expansion, planes,
+                            stride=stride if j == 0 else 1, downsample=downsample if j == 0 else None,
+                            dilation=dilations[0] if j == 0 else dilations[1], norm_layer=norm_layer,
+                            drop_path=rate, **block_options))
+    return nn.Sequential(*blocks)
 
 
 class ResNet(nn.Module):
@@ -297,33 +370,9 @@ class ResNet(nn.Module):
         grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        if depth not in ARCH_SETTINGS:
-            raise ValueError(f"depth must be one of {sorted(ARCH_SETTINGS)}, got {depth!r}")
-        if out_features is not None:
-            out_features = tuple(out_features)
-            if not out_features or any(n not in STAGE_NAMES for n in out_features) or list(out_features) != sorted(
-                set(out_features), key=STAGE_NAMES.index
-            ):
-                raise ValueError(
-                    f"out_features must be None or a non-empty ordered subset of {STAGE_NAMES}, got {out_features!r}"
-                )
-        if not isinstance(frozen_stages, int) or not 0 <= frozen_stages <= 5:
-            raise ValueError(f"frozen_stages must be in 0..5, got {frozen_stages!r}")
-        if output_stride not in _OUTPUT_STRIDES:
-            raise ValueError(f"output_stride must be one of {_OUTPUT_STRIDES}, got {output_stride!r}")
-        bad = [s for s in deform_stages if s not in STAGE_NAMES]
-        if bad:
-            raise ValueError(f"deform_stages must be names from {STAGE_NAMES}, got {tuple(deform_stages)!r}")
-        if groups < 1 or width_per_group < 1 or base_channels < 1:
-            raise ValueError(
-                f"groups, width_per_group and base_channels must be positive, got {groups}, {width_per_group}, "
-                f"{base_channels}"
-            )
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
+        out_features = _check_arguments(depth, out_features, frozen_stages, output_stride, deform_stages, groups,
+                                        width_per_group, base_channels, drop_path_rate)
         block, layers = ARCH_SETTINGS[depth]
-        if block is BasicBlock and (groups != 1 or width_per_group != 64):
-            raise ValueError(f"ResNet-{depth} (BasicBlock) supports only groups=1 and width_per_group=64")
         norm_layer = build_norm(norm)
 
         self.depth = depth
@@ -334,20 +383,8 @@ class ResNet(nn.Module):
         self.num_classes = num_classes if out_features is None else 0
 
         # Stem: 7x7/2 conv (or the deep 3x3 stem) + norm + ReLU + 3x3/2 max-pool. Keys as timm's deep stem.
-        self.inplanes = base_channels
-        if deep_stem:
-            stem = base_channels // 2
-            self.conv1 = nn.Sequential(
-                nn.Conv2d(3, stem, 3, 2, 1, bias=False),
-                norm_layer(stem),
-                nn.ReLU(inplace=True),
-                nn.Conv2d(stem, stem, 3, 1, 1, bias=False),
-                norm_layer(stem),
-                nn.ReLU(inplace=True),
-                nn.Conv2d(stem, base_channels, 3, 1, 1, bias=False),
-            )
-        else:
-            self.conv1 = nn.Conv2d(3, base_channels, 7, 2, 3, bias=False)
+        self.conv1 = _stem_conv(base_channels, norm_layer) if deep_stem else nn.Conv2d(3, base_channels, 7, 2, 3,
+                                                                                       bias=False)
         self.bn1 = norm_layer(base_channels)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = StemMaxPool(3, 2, 1)
@@ -355,8 +392,8 @@ class ResNet(nn.Module):
         # Stages c2..c5; dilation replaces the stride once the requested output stride is reached.
         num_stages = 4 if out_features is None else STAGE_NAMES.index(out_features[-1]) + 1
         total_blocks = sum(layers[:num_stages])
-        block_index = 0
-        dilation, stride_so_far = 1, 4
+        drop_rates = [drop_path_rate * k / max(total_blocks - 1, 1) for k in range(total_blocks)]  # linear in depth
+        inplanes, dilation, stride_so_far = base_channels, 1, 4
         self._shapes: dict[str, ShapeSpec] = {}
         for i in range(num_stages):
             stride = 1 if i == 0 else 2
@@ -365,41 +402,17 @@ class ResNet(nn.Module):
                 dilation, stride = dilation * 2, 1
             stride_so_far *= stride
             planes = base_channels * 2**i
-            downsample = None
-            if stride != 1 or self.inplanes != planes * block.expansion:
-                pool = nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False) if (
-                    avg_down and stride != 1
-                ) else nn.Identity()
-                conv = nn.Conv2d(self.inplanes, planes * block.expansion, 1, 1 if avg_down else stride, bias=False)
-                parts = [pool, conv] if avg_down else [conv]
-                downsample = Downsample(*parts, norm_layer(planes * block.expansion))
-            blocks = []
-            for j in range(layers[i]):
-                rate = drop_path_rate * block_index / max(total_blocks - 1, 1)
-                blocks.append(
-                    block(
-                        self.inplanes,
-                        planes,
-                        stride=stride if j == 0 else 1,
-                        downsample=downsample if j == 0 else None,
-                        groups=groups,
-                        base_width=width_per_group,
-                        dilation=previous_dilation if j == 0 else dilation,
-                        norm_layer=norm_layer,
-                        deform=STAGE_NAMES[i] in deform_stages,
-                        stride_in_1x1=stride_in_1x1,
-                        drop_path=rate,
-                    )
-                )
-                self.inplanes = planes * block.expansion
-                block_index += 1
-            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-            self._shapes[STAGE_NAMES[i]] = ShapeSpec(self.inplanes, stride_so_far)
+            rates, drop_rates = drop_rates[:layers[i]], drop_rates[layers[i]:]
+            stage = _make_stage(block, inplanes, planes, stride, (previous_dilation, dilation), rates, avg_down,
+                                norm_layer, groups=groups, base_width=width_per_group,
+                                deform=STAGE_NAMES[i] in deform_stages, stride_in_1x1=stride_in_1x1)
+            self.add_module(f"layer{i + 1}", stage)
+            inplanes = planes * block.expansion
+            self._shapes[STAGE_NAMES[i]] = ShapeSpec(inplanes, stride_so_far)
 
         if out_features is None:
             self.avgpool = nn.AdaptiveAvgPool2d(1)
-            self.fc = nn.Linear(self.inplanes, num_classes)
-        del self.inplanes
+            self.fc = nn.Linear(inplanes, num_classes)
 
         self._init_weights(zero_init_residual)
         self._freeze()
@@ -465,8 +478,8 @@ class ResNet(nn.Module):
     def forward(self, x: Tensor) -> Union[Tensor, "OrderedDict[str, Tensor]"]:
         """Logits ``(N, num_classes)`` for a classifier, else an ordered dict of the requested stage outputs."""
         check_image_batch(x, 3, self.compute_dtype(), "ResNet")
-        # channels_last from the stem's output on (1.3x faster eager ResNet-50 inference on a 2-core CPU,
-        # BENCHMARKS.md; free on GPU). The stem takes the batch as given: conv_norm writes channels_last anyway.
+        # channels_last from the stem's output on (faster on oneDNN and cuDNN: BENCHMARKS.md, ResNet rows). The
+        # stem takes the batch as given: conv_norm writes channels_last anyway.
         x = self.relu(conv_norm(self.conv1, self.bn1, x))
         x = self.maxpool(x)
         features: "OrderedDict[str, Tensor]" = OrderedDict()

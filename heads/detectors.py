@@ -40,7 +40,7 @@ def _default_roi_pool(levels: dict[str, int], output_size: int, sampling_ratio: 
     (and then cached) when batch padding is large relative to the image, e.g. 65 px padded to 96.
 
     ``heads.ops.MultiScaleRoIAlign``: torchvision's module and results with a parallel CPU kernel (torchvision's
-    serial CPU backward took about 45% of an R18-FPN training step on 2 cores; see heads/ops.py). ``channels_last``
+    is serial; BENCHMARKS.md, design measurements). ``channels_last``
     for the mask pool: the mask head's convolutions then run channels-last, faster and with a lower peak.
     """
     return MultiScaleRoIAlign(list(levels), output_size, sampling_ratio, strides=list(levels.values()),

@@ -1,8 +1,7 @@
 """RoIAlign with a parallel CPU backward, and a MultiScaleRoIAlign that uses it.
 
-torchvision's CPU RoIAlign kernels are serial loops over RoIs; in an R18-FPN Faster
-R-CNN training step (256 px, 4 images) its backward alone took about 45% of the step
-on a 2-core CPU. Here RoIAlign is written as a sparse linear map instead:
+torchvision's CPU RoIAlign kernels are serial loops over RoIs, and their backward is a large
+part of a CPU detector training step. Here RoIAlign is written as a sparse linear map instead:
 
     out[bin, c] = sum_pixel M[bin, pixel] * features[pixel, c]
 
@@ -15,9 +14,9 @@ agree with ``torchvision.ops.roi_align`` to float rounding. The RoIs are grouped
 and each level is pooled from its own map.
 
 * forward: ``F.embedding_bag`` with per-sample weights gathers the rows (a parallel,
-  vectorised kernel; 2x faster here than the same product as a CSR matmul);
-* backward: ``M^T @ grad`` as a CSR sparse-dense matmul (MKL, parallel; 1.5x faster
-  here than letting ``embedding_bag``'s own backward do it). Building the CSR needs the
+  vectorised kernel; faster than the same product as a CSR matmul);
+* backward: ``M^T @ grad`` as a CSR sparse-dense matmul (MKL, parallel; faster than
+  letting ``embedding_bag``'s own backward do it). Building the CSR needs the
   entries grouped by pixel, i.e. a sort. A sample's four corners sit at fixed offsets
   (0, 1, W, W+1) from its top-left corner (the "anchor"), so only the anchors are sorted
   (4x fewer keys than corners) and the corners' places follow by counting. At a map's far
@@ -25,12 +24,10 @@ and each level is pooled from its own map.
   padding after the level's gradient, in the forward on the edge pixel itself, as in
   torchvision's kernel.
 
-Measured on a 2-core CPU (torch.set_num_threads(2), medians of 5 alternating runs):
-4 images x 512 RoIs, 256 channels, 7x7 output, sampling_ratio=2, channels-last p2..p5
-of a 256 px image, MultiScaleRoIAlign forward 140 ms vs torchvision 684 ms (4.9x),
-backward 164 ms vs 2572 ms (16x). Both passes work on chunks of RoIs, which keeps the
-intermediate buffers small and in cache. Pooling from the maps themselves instead of a
-padded copy of all levels took 43 MB off the peak of an R50-FPN training step at 2 x 512 px.
+Both passes work on chunks of RoIs, which keeps the intermediate buffers small and in
+cache, and pool from the maps themselves instead of a padded copy of all levels, which
+lowers the training peak. The timings behind these choices are in BENCHMARKS.md
+(design measurements).
 
 On CUDA (already parallel), for quantized inputs, and when the sampling table would be
 too large (adaptive sampling on huge boxes), the functions call torchvision's ops.
@@ -139,7 +136,7 @@ def _grid_sizes(
 def _per_roi_outer(y: Tensor, x: Tensor, op) -> Tensor:
     """``op`` of every pair: [K, PH, gh, 2] and [K, PW, gw, 2] -> [K, PH, PW, gh, gw, 2, 2] (a view).
 
-    Computed as one 3-d broadcast per RoI and then permuted: 1.5x faster than broadcasting the 7-d shapes directly.
+    Computed as one 3-d broadcast per RoI and then permuted: faster than broadcasting the 7-d shapes directly.
     """
     rois, pooled_h, grid_h, _ = y.shape
     pooled_w, grid_w = x.shape[1:3]

@@ -10,7 +10,7 @@ images at once:
   (image x level, image x class) and the top-k per image is a stable sort by image plus a rank cut; host syncs
   per call: one (RPN) or two (RoIHeads) ``nonzero``, NMS's own, and one ``tolist()`` of the counts per image;
 * RoIHeads decodes only the (proposal, class) pairs that pass the score threshold instead of all proposals x
-  classes (3% of them in our 91-class benchmark at ``box_score_thresh=0.05``);
+  classes (a few percent of them at ``box_score_thresh=0.05``);
 * masks are pasted as two batched matrix products per chunk of masks (bilinear resizing is separable), with
   weights that are zero outside each box, written straight into the result.
 
@@ -20,13 +20,7 @@ grid, where IoUs near the threshold come out wrong (tests/test_postprocess.py ha
 boxes are float64: a float32 coordinate plus a shift below 2^19 is exact to 1e-10 px. On CPU the NMS kernel is
 serial and compares each kept box with every later box of any group, O(boxes x kept) for one call, so above
 ``_CPU_SINGLE_NMS_MAX_BOXES`` boxes each group runs alone on its slice of one sort by group, as torchvision's
-own CPU fallback does but without a boolean mask per class. 2-core CPU, RPN NMS of 4 images (18.6k boxes, 20
-groups): one call 667 ms, per group 77 ms.
-
-Measured on this project's 2-core CPU (medians of alternating runs, two runs, shared machine at load 1.7-1.9),
-4 images of 800x1066, 1000 proposals per image, 91 classes, 100 masks per image, torchvision -> here:
-``postprocess_detections`` 42-56 -> 22-32 ms, mask pasting 1.02-1.17 -> 0.67-0.71 s, ``filter_proposals``
-unchanged at 0.1 s (its time is the NMS kernel itself).
+own CPU fallback does but without a boolean mask per class. Timings: BENCHMARKS.md, design measurements.
 
 Results equal torchvision's except where scores tie exactly (torchvision orders ties with an unstable sort;
 here equal scores keep index order, and the single-call path may keep the other of two tied overlapping boxes)

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
+from tools.engine.values import is_number  # noqa: E402
 
 __all__ = ["read_metrics", "plot_curves"]
 
@@ -41,10 +42,6 @@ def read_metrics(metrics_jsonl: str | Path) -> list[dict]:
     return records
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def plot_curves(
     metrics_jsonl: str | Path, out_png: str | Path, keys: Sequence[str], x_key: str = "step"
 ) -> Path:
@@ -58,7 +55,7 @@ def plot_curves(
     records = read_metrics(metrics_jsonl)
     fig, axes = plt.subplots(len(keys), 1, figsize=(6, 2.6 * len(keys)), squeeze=False)
     for ax, key in zip(axes[:, 0], keys):
-        points = [(r[x_key], r[key]) for r in records if _is_number(r.get(key)) and _is_number(r.get(x_key))]
+        points = [(r[x_key], r[key]) for r in records if is_number(r.get(key)) and is_number(r.get(x_key))]
         if points:
             xs, ys = zip(*points)
             ax.plot(xs, ys, marker="o" if len(xs) < 30 else None)
