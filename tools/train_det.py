@@ -46,7 +46,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", help="run folder for checkpoints, metrics and pictures")
     p.add_argument("--iters", type=int, help="iterations (lr steps and warmup keep their fraction of the run)")
     p.add_argument("--batch-size", type=int, help="images per process per iteration")
+    p.add_argument("--grad-accum", type=int, help="accumulate the gradients of N batches of --batch-size per "
+                   "optimizer step (the same images and weights as one batch N times as large)")
     p.add_argument("--lr", type=float, help="learning rate, used as given (default: linear scaling of base_lr)")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], help="SGD with momentum, or AdamW")
+    p.add_argument("--sched", choices=["multistep", "cosine"], help="lr decay after the warmup")
+    p.add_argument("--no-weight-decay-norm-bias", action="store_true", default=None,
+                   help="no weight decay on norm layers and biases")
+    p.add_argument("--ema", type=float, metavar="DECAY", help="evaluate and save an EMA of the weights (e.g. 0.9998)")
     p.add_argument("--min-size", type=int, help="shorter image side for training and testing (no multi-scale)")
     p.add_argument("--max-size", type=int, help="longer image side cap")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
@@ -56,9 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm across processes")
     p.add_argument("--workers", type=int, help="data loading worker processes per process")
     p.add_argument("--seed", type=int)
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="bit-identical runs for the same seed, data and flags (deterministic algorithms)")
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every N iterations (and at the end)")
     p.add_argument("--eval-every", type=int, help="COCO-evaluate every N iterations (and at the end)")
     p.add_argument("--keep-last", type=int, help="keep only the newest K periodic checkpoints")
+    p.add_argument("--keep-best", metavar="METRIC", help="keep model_best.* with the highest METRIC, e.g. bbox/AP")
     p.add_argument("--clip-grad", type=float, help="clip the global gradient norm to this value")
     p.add_argument("--max-recoveries", type=int, help="roll-backs to the last good state (at half the lr) on a "
                                                        "NaN/exploding loss before stopping (default 3; 0 stops at once)")
@@ -90,7 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         "output_dir": args.output_dir,
         "iters": args.iters,
         "batch_size": args.batch_size,
+        "grad_accum": args.grad_accum,
         "lr": args.lr,
+        "optimizer": args.optimizer,
+        "sched": args.sched,
+        "no_weight_decay_norm_bias": args.no_weight_decay_norm_bias,
+        "ema": args.ema,
         "min_sizes": [args.min_size] if args.min_size is not None else None,
         "max_size": args.max_size,
         "device": args.device,
@@ -99,9 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         "sync_bn": args.sync_bn,
         "workers": args.workers,
         "seed": args.seed,
+        "deterministic": args.deterministic,
         "checkpoint_every": args.checkpoint_every,
         "eval_every": args.eval_every,
         "keep_last": args.keep_last,
+        "keep_best": args.keep_best,
         "clip_grad_norm": args.clip_grad,
         "max_recoveries": args.max_recoveries,
         "drop_empty": args.drop_empty,

@@ -164,8 +164,10 @@ class CheckpointManager:
         self._pattern = re.compile(rf"^{re.escape(prefix)}_(\d+)\.pth$")
 
     def run_files(self) -> list[Path]:
-        """What a run leaves here that another run must not mix with: checkpoints, final weights, metrics."""
-        others = [self.final_path, self.final_path.with_suffix(".safetensors"), self.output_dir / "metrics.jsonl"]
+        """What a run leaves here that another run must not mix with: checkpoints, final and best weights, metrics."""
+        best = self.output_dir / f"{self.prefix}_best.pth"
+        others = [self.final_path, self.final_path.with_suffix(".safetensors"), best, best.with_suffix(".safetensors"),
+                  self.output_dir / "metrics.jsonl"]
         return self.checkpoints() + [p for p in others if p.is_file()]
 
     def begin(self, resume: bool, overwrite: bool = False, delete: bool = True,

@@ -40,7 +40,7 @@ from tools.engine.cls_config import ClsTrainConfig, build_config, build_model
 from tools.engine.cls_data import build_datasets, collate_skipping_none, eval_loader
 from tools.engine.cls_eval import evaluate
 from tools.engine.config import ema_decay_for_run
-from tools.engine.distributed import DistInfo, reduce_dict
+from tools.engine.distributed import DistInfo
 from tools.engine.logger import progress
 from tools.engine.plots import plot_curves
 from tools.engine.runner import Runner, launch, on_main_first
@@ -227,7 +227,6 @@ class _EpochStep:
                 self._step(images, targets, position)
             position.iteration += 1
             position.iter_in_epoch += 1
-            runner.scheduler.step_update(num_updates=position.iteration)
             runner.after_step(position.iteration)
             bar.update()
             bar.set_postfix(epoch=epoch + 1, loss=f"{position.mean_loss():.4f}",
@@ -244,14 +243,17 @@ class _EpochStep:
             images = images.contiguous(memory_format=torch.channels_last)
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
-        with autocast(runner.device, runner.amp):
-            logits = self.net(images)
-        loss = self.criterion(logits.float(), targets)
-        # Mean over ranks: every rank sees the same value, so all ranks recover or stop together.
-        reduced = reduce_dict({"loss": loss.detach()})
-        if runner.step(loss, reduced, position.iteration):
+        reduced, stepped = runner.step(self._forward, [(images, targets)], position.iteration)
+        if stepped:
             position.loss_sum += float(reduced["loss"])
             position.loss_count += 1
+
+    def _forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        images, targets = batch
+        with autocast(self.runner.device, self.runner.amp):
+            logits = self.net(images)
+        loss = self.criterion(logits.float(), targets)
+        return loss, {"loss": loss}
 
 
 def _evaluate(runner: Runner, loader: DataLoader, channels_last: bool) -> dict[str, float]:
@@ -302,7 +304,7 @@ def _finish(cfg: ClsTrainConfig, runner: Runner, results: dict[str, float], clas
         "num_classes": len(class_names),
         "epochs": cfg.epochs,
         **final,
-    }, described)
+    }, runner.model, described)
     if runner.main:
         keys = ["train_loss", "lr", "top1", "top5"] + (["ema_top1"] if runner.ema is not None else [])
         plot_curves(runner.metrics.path, runner.out / "curves.png", keys, x_key="epoch")

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tools.engine.coco_eval import METRIC_NAMES
 from tools.engine.config import bounds, load_config, rescale_schedule
 from tools.engine.det_model import check_model_spec
 from tools.engine.runner import on_main_first
 
-__all__ = ["DetTrainConfig", "DET_WARMUP_FLOOR", "build_config", "check_config", "model_spec", "dataset_paths"]
+__all__ = ["DetTrainConfig", "DET_WARMUP_FLOOR", "build_config", "check_config", "best_metric", "model_spec", "dataset_paths"]
 
 
 # Shortest warmup (iterations) when --iters shortens a recipe: see tools.engine.config.rescale_schedule.
@@ -61,17 +62,29 @@ class DetTrainConfig:
     workers: int = field(default=4, metadata=bounds(ge=0))
     # Optimisation
     iters: int = field(default=90000, metadata=bounds(ge=1))
-    batch_size: int = field(default=2, metadata=bounds(ge=1))  # per process
+    batch_size: int = field(default=2, metadata=bounds(ge=1))  # per process and optimizer step, see grad_accum
+    # Gradient accumulation: each optimizer step takes the gradient of grad_accum x batch_size images, the same
+    # images that batch_size x grad_accum would load, in grad_accum forward/backward passes of batch_size.
+    grad_accum: int = field(default=1, metadata=bounds(ge=1))
     lr: float | None = field(default=None, metadata=bounds(gt=0))  # explicit lr: used as is, no scaling
     base_lr: float = field(default=0.02, metadata=bounds(gt=0))
     base_batch_size: int = field(default=16, metadata=bounds(ge=1))
-    momentum: float = field(default=0.9, metadata=bounds(ge=0, lt=1))
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # SGD with momentum, or AdamW (timm's factory)
+    momentum: float = field(default=0.9, metadata=bounds(ge=0, lt=1))  # sgd
     weight_decay: float = field(default=1e-4, metadata=bounds(ge=0))
     weight_decay_norm: float | None = field(default=None, metadata=bounds(ge=0))  # norm layers; None = weight_decay
+    no_weight_decay_norm_bias: bool = False  # no weight decay on norm layers and biases (overrides weight_decay_norm)
+    # lr schedule, after a linear warmup from base x warmup_factor: "multistep" multiplies by gamma at each of
+    # steps; "cosine" decays to min_lr at the last iteration.
+    sched: Literal["multistep", "cosine"] = "multistep"
     steps: tuple[int, ...] = field(default=(60000, 80000), metadata=bounds(ge=0))  # lr x gamma at each
     gamma: float = field(default=0.1, metadata=bounds(gt=0))
     warmup_iters: int = field(default=1000, metadata=bounds(ge=0))
     warmup_factor: float = field(default=0.001, metadata=bounds(gt=0, le=1))  # lr ramps from base x this to base
+    min_lr: float = field(default=0.0, metadata=bounds(ge=0))  # cosine
+    # EMA of the weights (timm's ModelEmaV3 with its decay warm-up): evaluation, model_best and model_final use
+    # the averaged weights; checkpoints keep both. None = off.
+    ema: float | None = field(default=None, metadata=bounds(gt=0, lt=1))
     clip_grad_norm: float | None = field(default=None, metadata=bounds(gt=0))
     # Divergence (tools.engine.recovery): a NaN/inf loss, or one above spike_factor x the recent median,
     # rolls back to the last good state at half the lr, up to max_recoveries times; then the run stops.
@@ -83,11 +96,17 @@ class DetTrainConfig:
     amp_dtype: Literal["auto", "bfloat16", "float16"] = "auto"
     channels_last: bool = False
     sync_bn: bool = False
+    # Bit-identical runs for the same seed, data and flags: torch's deterministic algorithms (on GPU, ops
+    # without one are named in a warning), no cuDNN autotuning.
+    deterministic: bool = False
     seed: int = field(default=0, metadata=bounds(ge=0, le=2**32 - 1))
     output_dir: str = "output/det"
     keep_last: int | None = field(default=3, metadata=bounds(ge=1))
     checkpoint_every: int | None = field(default=5000, metadata=bounds(ge=1))  # the end always checkpoints
     eval_every: int | None = field(default=None, metadata=bounds(ge=1))  # the end of training always evaluates
+    # Keep model_best.pth/.safetensors: the weights that scored highest on this metric ("bbox/AP", "segm/AP50",
+    # ...: an IoU type and a name of tools.engine.coco_eval.METRIC_NAMES) at any evaluation.
+    keep_best: str | None = None
     log_every: int = field(default=20, metadata=bounds(ge=1))
     vis_images: int = field(default=8, metadata=bounds(ge=0))  # validation images in val_predictions.png
     vis_score_thresh: float = field(default=0.5, metadata=bounds(ge=0, le=1))
@@ -110,7 +129,7 @@ def build_config(
     if cfg.iters != recipe.iters:
         steps, warmup = rescale_schedule(recipe.iters, recipe.steps, recipe.warmup_iters, cfg.iters,
                                          warmup_floor=DET_WARMUP_FLOOR)
-        if "steps" not in overrides:
+        if "steps" not in overrides and cfg.sched == "multistep":
             cfg = dataclasses.replace(cfg, steps=steps)
             messages.append(f"iters {recipe.iters} -> {cfg.iters}: lr decays moved to iterations {list(steps)}")
         if "warmup_iters" not in overrides and warmup != cfg.warmup_iters:
@@ -118,8 +137,13 @@ def build_config(
             messages.append(f"iters {recipe.iters} -> {cfg.iters}: warmup {recipe.warmup_iters} -> {warmup} iterations "
                             f"(at least {DET_WARMUP_FLOOR} or a quarter of the run, at most the recipe's)")
     check_config(cfg, config_path)
-    messages.append(f"schedule: {cfg.iters} iterations, linear warmup over {cfg.warmup_iters} from lr x{cfg.warmup_factor:g}"
-                    + (f", lr x{cfg.gamma:g} at iterations {list(cfg.steps)}" if cfg.steps else ""))
+    decay = (f", cosine to lr {cfg.min_lr:g}" if cfg.sched == "cosine"
+             else f", lr x{cfg.gamma:g} at iterations {list(cfg.steps)}" if cfg.steps else "")
+    steps_of = (f" of {cfg.grad_accum} accumulated batches of {cfg.batch_size} per process" if cfg.grad_accum > 1
+                else "")
+    messages.append(f"schedule: {cfg.iters} iterations{steps_of}, "
+                    f"{'AdamW, ' if cfg.optimizer == 'adamw' else ''}linear warmup over {cfg.warmup_iters} from lr "
+                    f"x{cfg.warmup_factor:g}{decay}")
     return cfg, messages
 
 
@@ -141,6 +165,8 @@ def check_config(cfg: DetTrainConfig, source: str | Path | None = None) -> None:
     if cfg.warmup_iters < 0 or not 0 < cfg.warmup_factor <= 1:
         raise ValueError(f"warmup_iters must be >= 0 and warmup_factor in (0, 1], got {cfg.warmup_iters}, "
                          f"{cfg.warmup_factor}")
+    if cfg.keep_best is not None:
+        best_metric(cfg.keep_best, cfg.detector)
     given = [cfg.train_images, cfg.train_ann, cfg.val_images, cfg.val_ann]
     if any(v is not None for v in given) and not all(v is not None for v in given):
         raise ValueError("give all of train_images, train_ann, val_images and val_ann "
@@ -149,6 +175,17 @@ def check_config(cfg: DetTrainConfig, source: str | Path | None = None) -> None:
         check_model_spec(model_spec(cfg, num_classes=2))
     except ValueError as e:
         raise ValueError(f"{source}: {e}" if source else str(e)) from None
+
+
+def best_metric(name: str, detector: str) -> tuple[str, str]:
+    """``(iou_type, metric)`` of a ``keep_best`` name such as "bbox/AP"; ValueError listing the valid names."""
+    iou_types = ("bbox", "segm") if detector == "mask_rcnn" else ("bbox",)
+    iou_type, _, metric = str(name).partition("/")
+    if iou_type not in iou_types or metric not in METRIC_NAMES:
+        valid = ", ".join(f"{t}/{m}" for t in iou_types for m in METRIC_NAMES[:3]) + ", ..."
+        raise ValueError(f"keep_best must be an IoU type of {detector} and a COCO metric name ({valid}; metrics: "
+                         f"{', '.join(METRIC_NAMES)}), got {name!r}")
+    return iou_type, metric
 
 
 def model_spec(cfg: DetTrainConfig, num_classes: int) -> dict[str, Any]:

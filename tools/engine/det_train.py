@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import bisect
+import json
 import logging
 import os
 import time
@@ -32,21 +33,26 @@ from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 
 from tools.engine.auto_recipe import det_data_stats, det_recipe, under_flags
 from tools.engine.coco_dataset import CocoDetection, build_det_transforms
-from tools.engine.det_config import DetTrainConfig, build_config, check_config, dataset_paths, model_spec
+from tools.engine.checkpoint import export_weights, save_checkpoint
+from tools.engine.config import ema_decay_for_run
+from tools.engine.det_config import DetTrainConfig, best_metric, build_config, check_config, dataset_paths, model_spec
 from tools.engine.det_eval import evaluate, evaluate_config, prediction_grid, write_eval
 from tools.engine.det_loader import InfiniteBatches, build_det_loader
 from tools.engine.det_model import build_model, load_start_weights
-from tools.engine.distributed import DistInfo, reduce_dict
+from tools.engine.distributed import DistInfo
 from tools.engine.logger import progress
 from tools.engine.plots import plot_curves
 from tools.engine.runner import Runner, launch
 from tools.engine.train_utils import autocast
 
-__all__ = ["WarmupMultiStep", "build_optimizer", "train", "run_from_args"]
+__all__ = ["WarmupMultiStep", "build_optimizer", "build_scheduler", "train", "run_from_args"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,20 +83,39 @@ class WarmupMultiStep:
         return factor
 
 
-def build_optimizer(model: nn.Module, cfg: DetTrainConfig, lr: float) -> torch.optim.SGD:
-    """SGD with momentum over the trainable parameters; norm layers get ``weight_decay_norm`` when set."""
+def build_optimizer(model: nn.Module, cfg: DetTrainConfig, lr: float) -> torch.optim.Optimizer:
+    """SGD with momentum or AdamW (timm's factory) over the trainable parameters.
+
+    Norm layers get ``weight_decay_norm`` when set; with ``no_weight_decay_norm_bias`` norm layers and biases
+    get none.
+    """
     norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
     decay, no_decay = [], []
     for module in model.modules():
-        for p in module.parameters(recurse=False):
+        for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
-            (no_decay if isinstance(module, norm_types) else decay).append(p)
+            exempt = isinstance(module, norm_types) or (cfg.no_weight_decay_norm_bias and name == "bias")
+            (no_decay if exempt else decay).append(p)
     norm_wd = cfg.weight_decay if cfg.weight_decay_norm is None else cfg.weight_decay_norm
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": norm_wd})
-    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+        groups.append({"params": no_decay, "weight_decay": 0.0 if cfg.no_weight_decay_norm_bias else norm_wd})
+    return create_optimizer_v2(groups, opt="momentum" if cfg.optimizer == "sgd" else "adamw", lr=lr,
+                               weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: DetTrainConfig) -> Any:
+    """The lr schedule by iteration: warmup then step decay (``LambdaLR`` over :class:`WarmupMultiStep`), or
+    warmup then cosine (timm's scheduler, stepped by update count)."""
+    if cfg.sched == "multistep":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, WarmupMultiStep(cfg.steps, cfg.gamma, cfg.warmup_iters, cfg.warmup_factor))
+    lr = optimizer.param_groups[0]["lr"]
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.iters, updates_per_epoch=1,
+                                       step_on_epochs=False, min_lr=cfg.min_lr, warmup_epochs=cfg.warmup_iters,
+                                       warmup_lr=lr * cfg.warmup_factor)
+    return scheduler
 
 
 def _to_device(images: list[Tensor], targets: list[dict], device: torch.device) -> tuple[list[Tensor], list[dict]]:
@@ -154,45 +179,100 @@ def _train(cfg: DetTrainConfig, info: DistInfo, resume: bool, overwrite: bool) -
     check_config(cfg)
     data = _datasets(cfg)
     spec = model_spec(cfg, len(data.class_names) + 1)
-    runner = Runner(cfg, info, build_model(spec))
+    runner = Runner(cfg, info, build_model(spec), grad_accum=cfg.grad_accum)
     found = runner.find_checkpoint(resume, overwrite)
     if found is None:
         load_start_weights(runner.model, cfg.pretrained, cfg.weights, verbose=runner.main)
     net = runner.prepare_model()
     optimizer = build_optimizer(runner.model, cfg, runner.scaled_lr())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, WarmupMultiStep(cfg.steps, cfg.gamma, cfg.warmup_iters, cfg.warmup_factor))
-    runner.start(optimizer, scheduler, found)
+    runner.start(optimizer, build_scheduler(optimizer, cfg), found, _ema(cfg, runner))
     start_iter = int(found[1]["iteration"]) if found else 0
 
     val_loader = build_det_loader(data.val_set, cfg.batch_size, train=False, workers=cfg.workers,
                                   distributed=info.enabled)
+    # What every checkpoint says about the model and its labels; "best" is kept up to date by _KeepBest.
     task_state = {"model_spec": spec, "label_to_cat_id": data.label_to_cat_id, "class_names": data.class_names}
+    keep_best = _KeepBest(cfg, runner, task_state, found)
 
     def run_eval(iteration: int) -> dict[str, dict[str, float]] | None:
-        metrics, results = evaluate(runner.model, val_loader, data.val_set, runner.device, data.label_to_cat_id,
-                                    runner.amp)
+        metrics, results = evaluate(runner.eval_model(), val_loader, data.val_set, runner.device,
+                                    data.label_to_cat_id, runner.amp)
         net.train()
         if runner.main:
             write_eval(runner.out, metrics, results)
             runner.metrics.log(step=iteration, **{f"{t}_{k}": v for t, m in metrics.items() for k, v in m.items()})
+            keep_best(metrics, iteration)
         return metrics
 
-    train_loader = build_det_loader(data.train_set, cfg.batch_size, train=True, workers=cfg.workers,
-                                    distributed=info.enabled, seed=cfg.seed)
+    # One loader batch holds the images of one optimizer step: grad_accum micro-batches of batch_size.
+    train_loader = build_det_loader(data.train_set, cfg.batch_size * cfg.grad_accum, train=True,
+                                    workers=cfg.workers, distributed=info.enabled, seed=cfg.seed)
     _loop(cfg, runner, net, InfiniteBatches(train_loader, start_iter), task_state, run_eval)
 
     final_state = runner.save(cfg.iters, **task_state) if start_iter < cfg.iters else found[1]
     metrics = run_eval(cfg.iters)
-    runner.finish({**final_state, "metrics": metrics}, task_state)
+    final_weights = runner.eval_model()
+    runner.finish({**final_state, "model": final_weights.state_dict(), "metrics": metrics}, final_weights,
+                  _weights_metadata(task_state))
     if runner.main:
         # The loss terms are in metrics.jsonl and TensorBoard; the picture keeps to the overview.
         keys = ["loss", "lr", "bbox_AP"] + (["segm_AP"] if cfg.detector == "mask_rcnn" else [])
         plot_curves(runner.metrics.path, runner.out / "loss_curve.png", keys)
-        prediction_grid(runner.model, data.val_set, cfg.vis_images, runner.device, data.class_names,
+        prediction_grid(final_weights, data.val_set, cfg.vis_images, runner.device, data.class_names,
                         cfg.vis_score_thresh, runner.out / "val_predictions.png")
     runner.close()
     return metrics if metrics is not None else {}
+
+
+def _ema(cfg: DetTrainConfig, runner: Runner) -> ModelEmaV3 | None:
+    """timm's weight EMA with its decay warm-up when the recipe asks for it, the decay capped to the run."""
+    if cfg.ema is None:
+        return None
+    decay = ema_decay_for_run(cfg.ema, cfg.iters)
+    if decay != cfg.ema and runner.main:
+        logger.info("EMA decay %g -> %g: its time constant (1 / (1 - decay) updates) kept within a tenth of "
+                    "the run's %d updates", cfg.ema, decay, cfg.iters)
+    return ModelEmaV3(runner.model, decay=decay, use_warmup=True)
+
+
+def _weights_metadata(task_state: dict[str, Any]) -> dict[str, Any]:
+    """What a safetensors header carries to rebuild the detector and name its labels."""
+    return {key: task_state[key] for key in ("model_spec", "label_to_cat_id", "class_names")}
+
+
+class _KeepBest:
+    """``--keep-best METRIC``: after each evaluation, ``model_best.pth`` and ``model_best.safetensors`` hold the
+    evaluated weights if they score higher than every earlier evaluation of the run (resumed runs included).
+
+    ``model_best.pth`` is a detector checkpoint (``model``, ``model_spec``, labels) with ``best``:
+    ``{"metric", "value", "iteration"}``; the safetensors header has the same. ``task_state["best"]`` goes into
+    every checkpoint.
+    """
+
+    def __init__(self, cfg: DetTrainConfig, runner: Runner, task_state: dict[str, Any],
+                 found: tuple[Path, dict[str, Any]] | None) -> None:
+        self.runner, self.task_state = runner, task_state
+        self.metric = cfg.keep_best
+        if self.metric is not None:
+            self.iou_type, self.name = best_metric(self.metric, cfg.detector)
+            task_state["best"] = found[1].get("best") if found else None
+
+    def __call__(self, metrics: dict[str, dict[str, float]], iteration: int) -> None:
+        if self.metric is None:
+            return
+        value = float(metrics[self.iou_type][self.name])
+        best = self.task_state.get("best")
+        if best is not None and best["metric"] == self.metric and value <= best["value"]:
+            return
+        best = {"metric": self.metric, "value": value, "iteration": iteration}
+        self.task_state["best"] = best
+        weights = self.runner.eval_model()
+        out = self.runner.out
+        save_checkpoint(out / "model_best.pth", {"model": weights.state_dict(), **self.task_state})
+        export_weights(weights, out / "model_best.safetensors",
+                       metadata={k: json.dumps(v) for k, v in {**_weights_metadata(self.task_state),
+                                                               "best": best}.items()})
+        logger.info("model_best: %s %.4f at iteration %d", self.metric, value, iteration)
 
 
 def _loop(cfg: DetTrainConfig, runner: Runner, net: nn.Module, batches: InfiniteBatches,
@@ -201,22 +281,27 @@ def _loop(cfg: DetTrainConfig, runner: Runner, net: nn.Module, batches: Infinite
     bar = progress(cfg.iters, initial=batches.iteration, enabled=runner.main, desc="train")
     sums: dict[str, float] = {}
     window_start, window_iters, window_steps = time.perf_counter(), 0, 0
-    for iteration in range(batches.iteration, cfg.iters):
-        images, targets = _to_device(*next(batches), runner.device)
+
+    def forward(batch: tuple[list[Tensor], list[dict]]) -> tuple[Tensor, dict[str, Tensor]]:
         # (channels_last needs no input conversion: the model batches the images itself, and
         # convolutions with channels_last weights produce channels_last outputs.)
+        images, targets = _to_device(*batch, runner.device)
         with autocast(runner.device, runner.amp):
             loss_dict = net(images, targets)
         loss_dict = {k: v.float() for k, v in loss_dict.items()}
         loss = sum(loss_dict.values())
-        # Mean over ranks: every rank sees the same values, so all ranks recover or stop together.
-        reduced = reduce_dict({**loss_dict, "loss": loss.detach()})
+        return loss, {**loss_dict, "loss": loss}
+
+    for iteration in range(batches.iteration, cfg.iters):
+        images, targets = next(batches)
+        micro_batches = [(images[i:i + cfg.batch_size], targets[i:i + cfg.batch_size])
+                         for i in range(0, len(images), cfg.batch_size)]
         lr_now = runner.optimizer.param_groups[0]["lr"]
-        if runner.step(loss, reduced, iteration):
+        reduced, stepped = runner.step(forward, micro_batches, iteration)
+        if stepped:
             for k, v in reduced.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             window_steps += 1
-        runner.scheduler.step()
         done = iteration + 1
         runner.after_step(done)
 

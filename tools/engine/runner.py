@@ -11,17 +11,19 @@ metrics log. A trainer builds its data and model, then drives its loop through t
     net = runner.prepare_model()
     runner.start(optimizer, scheduler, found)
     for iteration in ...:
-        loss_dict = net(batch)
-        runner.step(loss, reduced_losses, iteration)      # backward + step, or roll back on a divergence
-        scheduler.step(); runner.after_step(iteration + 1)
+        losses, stepped = runner.step(forward, micro_batches, iteration)  # or a roll-back on a divergence
+        runner.after_step(iteration + 1)                  # scheduler, lr scale, EMA, snapshot
         if ...: runner.save(iteration + 1, **task_state)
     runner.finish(final_state, weights_metadata)
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Callable, Mapping
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,11 +42,12 @@ from tools.engine.distributed import (
     init_distributed,
     is_elastic_restart,
     is_main_process,
+    reduce_dict,
 )
 from tools.engine.faults import crash_point
 from tools.engine.logger import MetricLogger
 from tools.engine.recovery import DivergenceGuard
-from tools.engine.train_utils import backward_and_step, resolve_amp, seed_everything
+from tools.engine.train_utils import backward, optimizer_step, resolve_amp, seed_everything
 
 __all__ = ["default_device", "launch", "on_main_first", "Runner"]
 
@@ -62,17 +65,40 @@ def launch(cfg: Any, body: Callable[[DistInfo, bool], T], resume: bool) -> T:
     """Run ``body(info, resume)`` in this process's group (``cfg.device``, ``cfg.dist_timeout_s``), then leave it.
 
     A worker group restarted by ``torchrun --max-restarts`` always resumes. Every rank is seeded with
-    ``cfg.seed + rank`` first.
+    ``cfg.seed + rank`` first. With ``cfg.deterministic`` torch uses its deterministic algorithms for the run and
+    warns once for each op that has none.
     """
     info = init_distributed(cfg.device or default_device(), cfg.dist_timeout_s)
     if is_elastic_restart() and not resume:
         logger.info("torchrun restarted the workers: resuming from the newest checkpoint in %s", cfg.output_dir)
         resume = True
     try:
-        seed_everything(cfg.seed + info.rank)
-        return body(info, resume)
+        with _deterministic(getattr(cfg, "deterministic", False)):
+            seed_everything(cfg.seed + info.rank)
+            return body(info, resume)
     finally:
         cleanup()
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool):
+    """torch's deterministic algorithms and no cuDNN autotuning while the context lasts (when ``enabled``)."""
+    if not enabled:
+        yield
+        return
+    # cuBLAS needs a fixed workspace for deterministic matmuls; it is read when the first handle is made.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # an op without one warns instead of failing
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("once", message=".*does not have a deterministic implementation.*")
+            yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[2], before[3]
 
 
 def on_main_first(make: Callable[[], T]) -> T:
@@ -91,9 +117,12 @@ class Runner:
             ``base_batch_size``, ``batch_size``, ``lr`` are read.
         info: this process's place in the group (:func:`launch`).
         model: the model, not yet moved to the device.
+        grad_accum: batches whose gradients each optimizer step accumulates (:meth:`step`).
     """
 
-    def __init__(self, cfg: Any, info: DistInfo, model: nn.Module) -> None:
+    def __init__(self, cfg: Any, info: DistInfo, model: nn.Module, grad_accum: int = 1) -> None:
+        if grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
         self.cfg = cfg
         self.info = info
         self.device = info.device
@@ -101,6 +130,7 @@ class Runner:
         self.out = Path(cfg.output_dir)
         self.model = model
         self.net: nn.Module = model
+        self.grad_accum = grad_accum
         self.manager = CheckpointManager(self.out, keep_last=cfg.keep_last)
         self.guard = DivergenceGuard(cfg.max_recoveries, cfg.spike_factor)
         self.amp = resolve_amp(self.device, cfg.amp, cfg.amp_dtype)
@@ -140,10 +170,11 @@ class Runner:
         return self.net
 
     def scaled_lr(self, rule: str = "linear") -> float:
-        """The lr for the total batch (``batch_size x world_size``) by ``rule``, unless the config gives ``lr``."""
+        """The lr for the images of one optimizer step (``batch_size x grad_accum x world_size``) by ``rule``,
+        unless the config gives ``lr``."""
         cfg = self.cfg
-        lr, message = scale_lr(cfg.base_lr, cfg.base_batch_size, cfg.batch_size * self.info.world_size, cfg.lr,
-                               rule)
+        lr, message = scale_lr(cfg.base_lr, cfg.base_batch_size, cfg.batch_size * self.grad_accum * self.info.world_size,
+                               cfg.lr, rule)
         if message and self.main:
             logger.info(message)
         return lr
@@ -184,26 +215,54 @@ class Runner:
         if self.ema is not None and state.get("ema") is not None:
             self.ema.module.load_state_dict(state["ema"])
 
-    def step(self, loss: torch.Tensor, reduced: Mapping[str, torch.Tensor], iteration: int) -> bool:
-        """Backward and optimizer step on ``loss``, unless ``reduced`` (the loss terms averaged over ranks, the
-        same on every rank) shows a divergence: then roll back to the last good state at a lower lr and skip the
-        batch. Returns whether the step was taken; raises FloatingPointError after ``max_recoveries``."""
+    def step(self, forward: Callable[[Any], tuple[torch.Tensor, Mapping[str, torch.Tensor]]],
+             micro_batches: Sequence[Any], iteration: int) -> tuple[dict[str, torch.Tensor], bool]:
+        """One optimizer step over ``micro_batches`` (``grad_accum`` of them): ``forward(batch)`` returns the loss
+        and its terms; the gradients of ``loss / len(micro_batches)`` accumulate (DDP reduces them once, with the
+        last backward), then clipping and the optimizer step.
+
+        Returns the loss terms averaged over the micro-batches and the ranks (the same on every rank) and whether
+        the step was taken: when those terms show a divergence the gradients are dropped and the run rolls back to
+        the last good state at a lower lr (FloatingPointError after ``max_recoveries``).
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        count = len(micro_batches)
+        sums: dict[str, torch.Tensor] = {}
+        for k, batch in enumerate(micro_batches):
+            last = k == count - 1
+            sync = contextlib.nullcontext() if last or self.net is self.model else self.net.no_sync()
+            with sync:
+                loss, terms = forward(batch)
+                backward(loss / count, self.scaler)
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0.0) + value.detach().float() / count
+        # Mean over ranks: every rank sees the same values, so all ranks recover or stop together.
+        reduced = reduce_dict(sums)
         problem = self.guard.check(reduced, iteration)
         if problem is not None:
+            self.optimizer.zero_grad(set_to_none=True)
             self._restore_trainable(self.guard.recover(problem, iteration))
-            return False
+            return reduced, False
         crash_point("train_step")  # test hook (tools.engine.faults); no-op unless RESDET_CRASH_AT is set
-        backward_and_step(loss, self.model, self.optimizer, self.scaler, self.cfg.clip_grad_norm)
-        return True
+        optimizer_step(self.model, self.optimizer, self.scaler, self.cfg.clip_grad_norm)
+        return reduced, True
 
     def after_step(self, done: int) -> None:
-        """After the scheduler stepped for iteration ``done - 1``: the guard's lr scale, the EMA update and, when
-        due, a snapshot."""
+        """After optimizer step ``done`` (counting from 1): the scheduler (a timm scheduler by update count, a
+        torch one by one step), the guard's lr scale, the EMA update and, when due, a snapshot."""
+        if hasattr(self.scheduler, "step_update"):
+            self.scheduler.step_update(num_updates=done)
+        else:
+            self.scheduler.step()
         self.guard.scale_lr(self.optimizer)
         if self.ema is not None:
             self.ema.update(self.model, step=done)
         if self.guard.due(done):
             self.guard.take_snapshot(done, self.trainable_state())
+
+    def eval_model(self) -> nn.Module:
+        """What evaluation and the final weights use: the EMA's model when there is one, else the model."""
+        return self.ema.module if self.ema is not None else self.model
 
     def save(self, iteration: int, **task_state: Any) -> dict[str, Any]:
         """Write checkpoint ``iteration`` (collective: every rank takes part) and return its state.
@@ -227,13 +286,13 @@ class Runner:
         barrier()
         return state
 
-    def finish(self, final_state: Mapping[str, Any], weights_metadata: Mapping[str, Any]) -> None:
+    def finish(self, final_state: Mapping[str, Any], weights: nn.Module, weights_metadata: Mapping[str, Any]) -> None:
         """On the main process: ``model_final.pth`` (``final_state``) and ``model_final.safetensors``, the weights
-        alone, loadable without pickle, with ``weights_metadata`` (JSON-encoded) in the header."""
+        of ``weights`` alone, loadable without pickle, with ``weights_metadata`` (JSON-encoded) in the header."""
         if not self.main:
             return
         self.manager.save_final(final_state)
-        export_weights(self.model, self.out / "model_final.safetensors",
+        export_weights(weights, self.out / "model_final.safetensors",
                        metadata={key: json.dumps(value) for key, value in weights_metadata.items()})
 
     def close(self) -> None:

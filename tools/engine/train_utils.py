@@ -8,7 +8,7 @@ from typing import Iterable, Literal, NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["seed_everything", "AmpSettings", "resolve_amp", "autocast", "clip_gradients", "backward_and_step"]
+__all__ = ["seed_everything", "AmpSettings", "resolve_amp", "autocast", "clip_gradients", "backward", "optimizer_step"]
 
 
 def seed_everything(seed: int) -> None:
@@ -78,24 +78,28 @@ def clip_gradients(
     return torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
 
 
-def backward_and_step(
-    loss: torch.Tensor,
+def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
+    """Backward of ``loss`` into the parameters' gradients (added to what is there), scaled when a GradScaler is
+    given."""
+    if scaler is not None:
+        scaler.scale(loss).backward()
+    else:
+        loss.backward()
+
+
+def optimizer_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
     clip_grad_norm: float | None,
 ) -> None:
-    """One optimisation step: backward (scaled when a GradScaler is given), optional clipping, optimizer step.
+    """Optional clipping of the accumulated gradients, then the optimizer step.
 
     With a scaler, a step whose gradients overflowed is skipped by the scaler (not divergence).
     """
-    optimizer.zero_grad(set_to_none=True)
+    clip_gradients(model.parameters(), clip_grad_norm, scaler, optimizer)
     if scaler is not None:
-        scaler.scale(loss).backward()
-        clip_gradients(model.parameters(), clip_grad_norm, scaler, optimizer)
         scaler.step(optimizer)
         scaler.update()
     else:
-        loss.backward()
-        clip_gradients(model.parameters(), clip_grad_norm)
         optimizer.step()
