@@ -151,6 +151,7 @@ def test_lsj_detector_resize_is_the_identity():
     ({"lsj_size": 64, "min_sizes": (32,)}, "lsj_size replaces min_sizes"),
     ({"lsj_size": 64, "lsj_scale": (0.0, 2.0)}, "lsj_scale"),
     ({"lsj_size": 64, "lsj_scale": (2.0, 1.0)}, "lsj_scale"),
+    ({"lsj_size": 64, "lsj_scale": (0.5,)}, "lsj_scale"),
     ({"lsj_size": 64, "lsj_fill": (0.5, 0.5)}, "lsj_fill"),
 ])
 def test_lsj_bad_values(kwargs, match):
@@ -294,3 +295,14 @@ def test_boxes_from_masks_edges():
     masks = torch.stack([_rect_mask(8, 10, 3, 1, 6, 2), torch.zeros(8, 10, dtype=torch.uint8)])
     assert boxes_from_masks(masks).tolist() == [[3, 1, 6, 2], [0, 0, 0, 0]]
     assert boxes_from_masks(torch.zeros(0, 8, 10)).shape == (0, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8])
+def test_copy_paste_mask_dtypes_without_warnings(dtype, recwarn):
+    images, targets = _occlusion_batch()
+    targets = [dict(t, masks=t["masks"].to(dtype)) for t in targets]
+    torch.manual_seed(0)
+    _, out = CopyPaste(p=1.0, min_visible=0.1)(images, targets)
+    assert out[0]["labels"].tolist() == [1, 3, 4] and out[0]["masks"].dtype == dtype
+    assert out[0]["boxes"].tolist() == [[0, 0, 8, 16], [0, 20, 8, 30], [8, 0, 24, 16]]
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]

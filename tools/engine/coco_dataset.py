@@ -311,7 +311,7 @@ def build_det_transforms(train: bool, *, min_sizes: tuple[int, ...] | None = Non
         _check_lsj_size(lsj_size)
         if min_sizes or max_size is not None:
             raise ValueError("lsj_size replaces min_sizes and max_size: give either, not both")
-        low, high = lsj_scale
+        low, high = (tuple(lsj_scale) + (0.0, 0.0))[:2] if len(lsj_scale) == 2 else (0.0, 0.0)
         if not 0 < low <= high:
             raise ValueError(f"lsj_scale must be (low, high) with 0 < low <= high, got {tuple(lsj_scale)}")
         if len(lsj_fill) not in (1, 3) or not all(0.0 <= f <= 1.0 for f in lsj_fill):

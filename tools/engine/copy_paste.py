@@ -123,40 +123,58 @@ def _check_batch(images: list[Tensor], targets: list[dict[str, Any]]) -> None:
             raise ValueError(f"targets[{index}]['boxes'] must be N x 4 (XYXY), got {tuple(boxes.shape)}")
 
 
+def _areas(masks: Tensor) -> Tensor:
+    """Pixel count of each ``N x H x W`` mask."""
+    return masks.flatten(1).bool().sum(1, dtype=torch.int32)
+
+
 def _paste(image: Tensor, target: dict[str, Any], source: Tensor, source_target: dict[str, Any], chosen: Tensor,
            min_visible: float) -> tuple[Tensor, dict[str, Any]]:
-    """Image and target after pasting ``source``'s instances ``chosen`` onto ``image`` (top-left aligned)."""
+    """Image and target after pasting ``source``'s instances ``chosen`` onto ``image`` (top-left aligned).
+
+    Pixel work is limited to the pasted region and to ``any()`` reductions: on CPU, pixel counts over every
+    mask cost many times more, so they are taken only for ``min_visible``.
+    """
     height, width = image.shape[-2:]
     h, w = min(height, source.shape[-2]), min(width, source.shape[-1])
     chosen = chosen.to(source_target["masks"].device)
     masks = target["masks"]
     source_masks = source_target["masks"][chosen]
-    pasted_masks = masks.new_zeros((len(chosen), height, width))
-    pasted_masks[:, :h, :w] = source_masks[:, :h, :w].to(masks.dtype)
+    if source_masks.shape[-2:] == masks.shape[-2:]:
+        pasted_masks = source_masks.to(masks.dtype)
+    else:
+        pasted_masks = masks.new_zeros((len(chosen), height, width))
+        pasted_masks[:, :h, :w] = source_masks[:, :h, :w].to(masks.dtype)
     alpha = pasted_masks.bool().any(0)  # H x W: where the pasted objects cover the image
+    x1, y1, x2, y2 = (int(v) for v in boxes_from_masks(alpha[None])[0])  # inside the overlap h x w
+    cover = alpha[y1:y2, x1:x2]
 
     out_image = image.clone()
-    out_image[:, :h, :w] = torch.where(alpha[:h, :w], source[:, :h, :w].to(image.dtype), image[:, :h, :w])
+    out_image[:, y1:y2, x1:x2] = torch.where(cover, source[:, y1:y2, x1:x2].to(image.dtype), image[:, y1:y2, x1:x2])
 
-    # The image's own instances, under the pasted ones.
-    remaining = masks * ~alpha
-    before, after = masks.flatten(1).count_nonzero(1), remaining.flatten(1).count_nonzero(1)
-    occluded = after < before
-    keep = ~occluded | ((after > 0) & (after >= min_visible * before))
+    # The image's own instances that lose pixels under the pasted ones: new masks and boxes, or dropped.
     boxes = target["boxes"].clone()
-    if occluded.any():
-        boxes[occluded] = boxes_from_masks(remaining[occluded]).to(boxes.dtype)
+    remaining = masks
+    keep = torch.ones(len(masks), dtype=torch.bool, device=masks.device)
+    hit = torch.logical_and(masks[:, y1:y2, x1:x2], cover).flatten(1).any(1)
+    if hit.any():
+        remaining = masks.clone()
+        remaining[:, y1:y2, x1:x2] *= ~cover
+        keep = ~hit | remaining.flatten(1).any(1).bool()  # any() of uint8 is uint8
+        if min_visible > 0:
+            keep &= ~hit | (_areas(remaining) >= min_visible * _areas(masks))
+        boxes[hit] = boxes_from_masks(remaining[hit]).to(boxes.dtype)
 
     # The pasted instances: source boxes, except where the overlap cut the mask.
     pasted_boxes = source_target["boxes"][chosen].to(boxes.dtype).clone()
-    cut = pasted_masks.flatten(1).count_nonzero(1) < source_masks.flatten(1).count_nonzero(1)
+    cut = (source_masks[:, h:, :].flatten(1).any(1) | source_masks[:, :, w:].flatten(1).any(1)).bool()
     if cut.any():
         pasted_boxes[cut] = boxes_from_masks(pasted_masks[cut]).to(boxes.dtype)
     pasted_boxes[:, 0::2] = pasted_boxes[:, 0::2].clamp(0, width)
     pasted_boxes[:, 1::2] = pasted_boxes[:, 1::2].clamp(0, height)
 
     out = dict(target)
-    out["masks"] = torch.cat([remaining[keep], pasted_masks])
+    out["masks"] = torch.cat([remaining if keep.all() else remaining[keep], pasted_masks])
     out["boxes"] = torch.cat([boxes[keep], pasted_boxes])
     for key in INSTANCE_KEYS:
         if key in target:
