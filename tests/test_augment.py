@@ -306,3 +306,19 @@ def test_copy_paste_mask_dtypes_without_warnings(dtype, recwarn):
     assert out[0]["labels"].tolist() == [1, 3, 4] and out[0]["masks"].dtype == dtype
     assert out[0]["boxes"].tolist() == [[0, 0, 8, 16], [0, 20, 8, 30], [8, 0, 24, 16]]
     assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_copy_paste_on_the_gpu_matches_the_cpu():
+    images, targets = _batch(*[(32, 32, [(i, i, i + 12, i + 10), (20 - i, 4, 30, 14 + i)], [i + 1, i + 5])
+                               for i in range(4)])
+    gpu_images = [image.cuda() for image in images]
+    gpu_targets = [{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in t.items()} for t in targets]
+    torch.manual_seed(0)
+    cpu = CopyPaste(p=0.7)(images, targets)
+    torch.manual_seed(0)
+    gpu = CopyPaste(p=0.7)(gpu_images, gpu_targets)
+    for a, b in zip(cpu[0], gpu[0]):
+        assert torch.equal(a, b.cpu())
+    for a, b in zip(cpu[1], gpu[1]):
+        assert all(torch.equal(a[k], b[k].cpu()) for k in ("boxes", "labels", "masks"))
