@@ -27,13 +27,15 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
+from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
 
 from tools.engine.coco_annotations import ann_to_rle, validate_annotations
 from tools.engine.images import read_rgb_array
 from tools.engine.values import is_int, read_json
 
-__all__ = ["CocoDetection", "load_rgb_image", "build_det_transforms", "collate_detection"]
+__all__ = ["CocoDetection", "load_rgb_image", "build_det_transforms", "lsj_detector_options", "boxes_from_masks",
+           "collate_detection"]
 
 logger = logging.getLogger(__name__)
 
@@ -201,8 +203,68 @@ class CocoDetection(Dataset):
         return torch.from_numpy(np.ascontiguousarray(masks.transpose(2, 0, 1)))
 
 
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+"""The detectors' default ``image_mean`` (heads.detectors), in [0, 1] image space: LSJ pads with it."""
+
+# Per-instance entries besides boxes and masks that follow their boxes when instances are dropped or pasted.
+INSTANCE_KEYS: tuple[str, ...] = ("labels", "iscrowd")
+
+
+def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
+    """Tight XYXY boxes around instance masks, in pixel-edge coordinates (a mask covering columns 3..5 gets
+    ``x1=3, x2=6``, COCO's convention), and all zeros for an empty mask.
+
+    ``masks``: ``N x H x W`` (any dtype, nonzero is foreground). Returns ``N x 4`` float32.
+    """
+    boxes = masks_to_boxes(masks)  # x2, y2 are the last pixel's index: one less than the edge
+    boxes[:, 2:] += masks.flatten(1).bool().any(1, keepdim=True)  # +1 on x2, y2 of non-empty masks only
+    return boxes
+
+
+class _ScaleJitter(v2.ScaleJitter):
+    """``v2.ScaleJitter`` that never resizes a side to 0 pixels (a very elongated image at scale 0.1)."""
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = super().make_params(flat_inputs)["size"]
+        return {"size": (max(height, 1), max(width, 1))}
+
+
+def _boxes_from_masks_step(image: Any, target: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Replace the boxes by their masks' boxes (the masks are what the crop left of each object)."""
+    if "masks" in target:
+        boxes = target["boxes"]
+        target = dict(target, boxes=tv_tensors.wrap(boxes_from_masks(target["masks"]).to(boxes.dtype), like=boxes))
+    return image, target
+
+
+def _instance_entries(inputs: Any) -> tuple[torch.Tensor, ...]:
+    """``SanitizeBoundingBoxes`` labels_getter: every per-instance entry of the target (see INSTANCE_KEYS)."""
+    target = inputs[1] if isinstance(inputs, tuple) else inputs
+    return tuple(target[key] for key in INSTANCE_KEYS if key in target)
+
+
+def lsj_detector_options(lsj_size: int) -> dict[str, Any]:
+    """Detector options under large-scale jitter: with ``min_size = max_size = lsj_size`` the detector's own
+    resize (GeneralizedRCNNTransform) leaves LSJ's square ``lsj_size`` training images untouched (scale 1.0,
+    bit-exact), and evaluation images are resized so that their longer side is ``lsj_size``.
+
+    Example::
+
+        options = {**model_options, **lsj_detector_options(1024)}   # min_size=(1024,), max_size=1024
+    """
+    _check_lsj_size(lsj_size)
+    return {"min_size": (int(lsj_size),), "max_size": int(lsj_size)}
+
+
+def _check_lsj_size(lsj_size: Any) -> None:
+    if not (is_int(lsj_size) and lsj_size > 0):
+        raise ValueError(f"lsj_size must be a positive integer (e.g. 1024), got {lsj_size!r}")
+
+
 def build_det_transforms(train: bool, *, min_sizes: tuple[int, ...] | None = None, max_size: int | None = None,
-                         hflip_prob: float = 0.5) -> v2.Transform:
+                         hflip_prob: float = 0.5, lsj_size: int | None = None,
+                         lsj_scale: tuple[float, float] = (0.1, 2.0),
+                         lsj_fill: Sequence[float] = IMAGENET_MEAN) -> v2.Transform:
     """Detection augmentation on ``(Image, target)`` with tv_tensors (boxes and masks move together).
 
     Training: optional multi-scale shortest-side resize (one of ``min_sizes``, longer
@@ -210,13 +272,54 @@ def build_det_transforms(train: bool, *, min_sizes: tuple[int, ...] | None = Non
     boxes that became smaller than a pixel (with their labels and masks).
     Evaluation: identity, because the detector resizes and normalises itself
     (torchvision convention).
+
+    Large-scale jitter (``lsj_size``, replaces ``min_sizes``/``max_size``): resize keeping the aspect
+    ratio so that the image fits in a square of ``s * lsj_size``, ``s`` uniform in ``lsj_scale``
+    (``v2.ScaleJitter``), then crop or pad to exactly ``lsj_size x lsj_size`` at a random position
+    (``v2.RandomCrop(pad_if_needed=True)``: a smaller image lies wholly inside the square), flip, and:
+
+    * with masks, every box is recomputed from its mask (:func:`boxes_from_masks`): the crop cuts
+      objects, and the clipped box of a cut non-rectangular object overstates what is left of it;
+    * instances left with a box under one pixel (outside the crop, or a mask that vanished when
+      shrunk) are dropped with their labels, masks and ``iscrowd``; an image may end up with none,
+      which the detectors accept.
+
+    Padding is ``lsj_fill``, the detector's ``image_mean``: the detector normalises with that mean, so
+    the padding becomes 0, the same value as the detector's own batch padding, instead of a dark
+    border (0 in [0, 1] space) that appears in no test image. Images must be float in [0, 1] (as
+    :class:`CocoDetection` gives them). Masks are padded with 0.
+
+    The detector must then not resize again: build it with :func:`lsj_detector_options` (``min_size =
+    max_size = lsj_size``), which makes its resize the identity. A multiple of 32 avoids its padding.
+
+    Args:
+        lsj_size: output side of large-scale jitter (detectron2 and torchvision use 1024 on COCO).
+        lsj_scale: range of the random scale ``s``; (0.1, 2.0) is large-scale jitter, (0.8, 1.25)
+            the standard-scale jitter of Ghiasi et al.
+        lsj_fill: padding colour, one value per channel in [0, 1].
+
+    Example::
+
+        transforms = build_det_transforms(train=True, lsj_size=1024)
     """
     if not train:
         return v2.Identity()
     if not 0.0 <= hflip_prob <= 1.0:
         raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob}")
-    steps: list[v2.Transform] = []
-    if min_sizes:
+    steps: list[Callable[..., Any]] = []
+    if lsj_size is not None:
+        _check_lsj_size(lsj_size)
+        if min_sizes or max_size is not None:
+            raise ValueError("lsj_size replaces min_sizes and max_size: give either, not both")
+        low, high = (tuple(lsj_scale) + (0.0, 0.0))[:2] if len(lsj_scale) == 2 else (0.0, 0.0)
+        if not 0 < low <= high:
+            raise ValueError(f"lsj_scale must be (low, high) with 0 < low <= high, got {tuple(lsj_scale)}")
+        if len(lsj_fill) not in (1, 3) or not all(0.0 <= f <= 1.0 for f in lsj_fill):
+            raise ValueError(f"lsj_fill must be 1 or 3 values in [0, 1], got {tuple(lsj_fill)}")
+        steps.append(_ScaleJitter(target_size=(lsj_size, lsj_size), scale_range=(low, high)))
+        steps.append(v2.RandomCrop(lsj_size, pad_if_needed=True,
+                                   fill={tv_tensors.Image: [float(f) for f in lsj_fill], tv_tensors.Mask: 0}))
+    elif min_sizes:
         if not all(is_int(s) and s > 0 for s in min_sizes):
             raise ValueError(f"min_sizes must be positive integers, got {min_sizes}")
         if max_size is not None and max_size < max(min_sizes):
@@ -226,7 +329,9 @@ def build_det_transforms(train: bool, *, min_sizes: tuple[int, ...] | None = Non
         raise ValueError("max_size needs min_sizes")
     if hflip_prob > 0:
         steps.append(v2.RandomHorizontalFlip(p=hflip_prob))
-    steps.append(v2.SanitizeBoundingBoxes(min_size=1))
+    if lsj_size is not None:
+        steps.append(_boxes_from_masks_step)
+    steps.append(v2.SanitizeBoundingBoxes(min_size=1, labels_getter=_instance_entries))
     return v2.Compose(steps)
 
 
