@@ -170,11 +170,12 @@ def _train(cfg: DetTrainConfig, info: DistInfo, resume: bool, overwrite: bool) -
     task_state = {"model_spec": spec, "label_to_cat_id": data.label_to_cat_id, "class_names": data.class_names}
 
     def run_eval(iteration: int) -> dict[str, dict[str, float]] | None:
-        metrics, results = evaluate(runner.model, val_loader, data.val_set, runner.device, data.label_to_cat_id,
-                                    runner.amp)
+        evaluation, results = evaluate(runner.model, val_loader, data.val_set, runner.device, data.label_to_cat_id,
+                                       runner.amp)
         net.train()
+        metrics = evaluation.metrics if evaluation is not None else None
         if runner.main:
-            write_eval(runner.out, metrics, results)
+            write_eval(runner.out, evaluation, results)
             runner.metrics.log(step=iteration, **{f"{t}_{k}": v for t, m in metrics.items() for k, v in m.items()})
         return metrics
 
