@@ -117,6 +117,31 @@ def test_flip_and_sizes_are_symmetric_in_the_mirrored_image(mask_rcnn, images):
     assert difference.mean() < 0.01
 
 
+def test_faster_rcnn_one_view_equals_plain_inference_and_flip_adds_views(shapes, images):
+    torch.manual_seed(0)
+    cfg = load_config(DetTrainConfig, None, {**TINY, **shapes, "detector": "faster_rcnn"})
+    model = build_model(model_spec(cfg, num_classes=4)).eval()
+    with torch.no_grad():
+        plain = model(images)
+        one_view = DetectorWithTTA(model, TTASettings(sizes=(48,), flip=False))(images)
+        flipped = DetectorWithTTA(model, TTASettings(sizes=(48,)))(images)
+    for want, got, more in zip(plain, one_view, flipped):
+        assert set(got) == {"boxes", "scores", "labels"}
+        for key in got:
+            assert torch.equal(want[key], got[key]), key
+        assert not torch.equal(more["boxes"], want["boxes"])  # the mirrored view's boxes take part
+
+
+def test_no_detection_gives_empty_outputs(mask_rcnn, images):
+    model = copy.deepcopy(mask_rcnn)
+    model.roi_heads.score_thresh = 1.0  # softmax scores never exceed it
+    with torch.no_grad():
+        outputs = DetectorWithTTA(model, TTASettings(sizes=(40,)))(images)
+    for image, output in zip(images, outputs):
+        assert output["boxes"].shape == (0, 4) and output["scores"].shape == (0,) and output["labels"].shape == (0,)
+        assert output["masks"].shape == (0, 1, *image.shape[-2:])
+
+
 def test_hflip_boxes_mirrors_known_boxes():
     boxes = torch.tensor([[0.0, 1.0, 10.0, 5.0], [30.5, 2.0, 40.0, 8.0]])
     assert hflip_boxes(boxes, 40).tolist() == [[30.0, 1.0, 40.0, 5.0], [0.0, 2.0, 9.5, 8.0]]
@@ -186,8 +211,8 @@ def test_eval_coco_tta_end_to_end(trained, shapes, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--tta", "--tta-sizes"], "--tta-sizes"),
     (["--tta", "--tta-sizes", "0"], "positive"),
-    (["--tta-sizes", "40"], "need --tta"),
-    (["--no-tta-flip"], "need --tta"),
+    (["--tta-sizes", "40"], "--tta-sizes needs --tta"),
+    (["--no-tta-flip", "--tta-max-size", "90"], "--tta-max-size, --no-tta-flip need --tta"),
     (["--tta", "--tta-max-size", "-5"], "--tta-max-size"),
 ])
 def test_eval_coco_bad_tta_flags_exit_2(trained, shapes, tmp_path, capsys, extra, message):

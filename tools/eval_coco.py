@@ -72,7 +72,7 @@ def tta_settings(args: argparse.Namespace) -> TTASettings | None:
         given = [flag for flag, value in (("--tta-sizes", args.tta_sizes), ("--tta-max-size", args.tta_max_size),
                                           ("--no-tta-flip", args.no_tta_flip or None)) if value is not None]
         if given:
-            raise ValueError(f"{', '.join(given)} need --tta")
+            raise ValueError(f"{', '.join(given)} {'need' if len(given) > 1 else 'needs'} --tta")
         return None
     if args.results is not None:
         raise ValueError("--tta needs --weights (a results file is scored as it is)")
