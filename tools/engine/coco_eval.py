@@ -4,19 +4,28 @@ Example:
     >>> metrics = evaluate_coco(val_set.coco, results, iou_types=("bbox", "segm"))
     >>> metrics["bbox"]["AP"]          # fraction in [0, 1], as pycocotools reports it
     >>> write_metrics("out/metrics.json", metrics)
+    >>> details = evaluate_coco_details(val_set.coco, results, iou_types=("bbox",))
+    >>> details.per_category["bbox"]   # {"circle": 0.71, ...}
+    >>> write_metrics("out/metrics.json", details.to_json())
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+from pycocotools.cocoeval import COCOeval, Params
 
 from tools.engine.coco_results import load_results, results_have_segm, validate_results
+
+__all__ = ["METRIC_NAMES", "IOU_TYPES", "CocoEvaluation", "evaluate_coco", "evaluate_coco_details",
+           "category_keys", "write_metrics"]
 
 # Same order as COCOeval.stats.
 METRIC_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl",
@@ -24,11 +33,80 @@ METRIC_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl",
 IOU_TYPES: tuple[str, ...] = ("bbox", "segm")
 
 
+@dataclass
+class CocoEvaluation:
+    """Everything one COCOeval run per IoU type yields: the 12 numbers, AP per category and the precision arrays.
+
+    Attributes:
+        metrics: ``{iou_type: {name: value}}`` for each name in :data:`METRIC_NAMES` (what
+            :func:`evaluate_coco` returns).
+        per_category: ``{iou_type: {category key: AP or None}}``: AP@[.50:.95], area "all", 100 detections,
+            the mean of the category's entries of ``precision``. ``None`` for a category without (non-crowd)
+            ground truth, where pycocotools has no value (-1); 0.0 for one with ground truth and no detection.
+        precision: ``{iou_type: array [T, R, K, A, M]}``, COCOeval's ``eval["precision"]``: precision at IoU
+            threshold t, recall threshold r, category k (order of ``cat_ids``), area range a (all, small,
+            medium, large) and detection limit m (1, 10, 100); -1 where the category has no ground truth.
+        iou_thresholds: [T] (0.50, 0.55, ..., 0.95).
+        recall_thresholds: [R] (0, 0.01, ..., 1).
+        cat_ids: the ground truth's category ids in id order, the K axis of ``precision``.
+        category_names: the key of each of ``cat_ids`` in ``per_category`` (see :func:`category_keys`).
+    """
+
+    metrics: dict[str, dict[str, float]]
+    per_category: dict[str, dict[str, float | None]]
+    precision: dict[str, np.ndarray]
+    iou_thresholds: np.ndarray
+    recall_thresholds: np.ndarray
+    cat_ids: list[int]
+    category_names: list[str]
+
+    def to_json(self) -> dict:
+        """The ``metrics.json`` layout: ``{"bbox": {12 numbers}, "segm"?: {...}, "per_category": {"bbox": {name: AP
+        or null}, "segm"?: {...}}}``."""
+        return {**self.metrics, "per_category": self.per_category}
+
+
 def _load_gt(coco_gt: COCO | str | Path) -> COCO:
     if isinstance(coco_gt, COCO):
         return coco_gt
     with contextlib.redirect_stdout(io.StringIO()):
         return COCO(str(coco_gt))
+
+
+def category_keys(gt: COCO) -> list[str]:
+    """The name of each ground-truth category in id order; a name shared by several categories gets its id
+    appended (``"cat (id 7)"``) so that no two keys collide."""
+    cat_ids = sorted(gt.getCatIds())
+    names = [str(gt.cats[c].get("name", c)) for c in cat_ids]
+    counts = Counter(names)
+    return [name if counts[name] == 1 else f"{name} (id {cat_id})" for name, cat_id in zip(names, cat_ids)]
+
+
+def _per_category_ap(precision: np.ndarray, keys: Sequence[str]) -> dict[str, float | None]:
+    """AP@[.50:.95] per category from ``precision`` [T, R, K, A, M], area "all" (0), 100 detections (last):
+    the mean over IoU and recall thresholds of the entries > -1, as ``COCOeval.summarize`` computes AP."""
+    per_category: dict[str, float | None] = {}
+    for k, key in enumerate(keys):
+        values = precision[:, :, k, 0, -1]
+        values = values[values > -1]
+        per_category[key] = float(values.mean()) if values.size else None
+    return per_category
+
+
+def _empty_precision(gt: COCO, params: Params) -> np.ndarray:
+    """The precision array of an evaluation without detections: 0 where ground truth exists, else -1.
+
+    "Exists" as COCOeval decides it: a non-crowd, non-ignored object of the category whose area is in the range.
+    """
+    shape = (len(params.iouThrs), len(params.recThrs), len(params.catIds), len(params.areaRng), len(params.maxDets))
+    precision = np.full(shape, -1.0)
+    for k, cat_id in enumerate(params.catIds):
+        areas = [ann["area"] for ann in gt.loadAnns(gt.getAnnIds(catIds=[cat_id]))
+                 if not ann.get("iscrowd", 0) and not ann.get("ignore", 0)]
+        for a, (low, high) in enumerate(params.areaRng):
+            if any(low <= area <= high for area in areas):
+                precision[:, :, k, a] = 0.0
+    return precision
 
 
 def evaluate_coco(coco_gt: COCO | str | Path, results: list[dict] | str | Path,
@@ -48,6 +126,20 @@ def evaluate_coco(coco_gt: COCO | str | Path, results: list[dict] | str | Path,
     Raises:
         ValueError: unknown IoU type, "segm" without segmentations in the results,
             results naming image or category ids absent from the ground truth.
+    """
+    return evaluate_coco_details(coco_gt, results, iou_types).metrics
+
+
+def evaluate_coco_details(coco_gt: COCO | str | Path, results: list[dict] | str | Path,
+                          iou_types: Sequence[str] = ("bbox",)) -> CocoEvaluation:
+    """:func:`evaluate_coco` plus AP per category and the precision arrays, from the same COCOeval run.
+
+    Same arguments, checks and printed table as :func:`evaluate_coco`; see :class:`CocoEvaluation` for what is
+    returned. No results: the 12 numbers are zeros, every category with ground truth has AP 0.0.
+
+    Example:
+        >>> details = evaluate_coco_details("instances_val.json", "coco_results.json", ("bbox", "segm"))
+        >>> details.per_category["segm"]["person"]
     """
     for iou_type in iou_types:
         if iou_type not in IOU_TYPES:
@@ -69,34 +161,47 @@ def evaluate_coco(coco_gt: COCO | str | Path, results: list[dict] | str | Path,
         raise ValueError(f"results use category ids {sorted(unknown_cats)[:10]} absent from the ground truth "
                          f"(valid: {sorted(gt.getCatIds())}); were contiguous labels written instead of ids?")
 
-    metrics: dict[str, dict[str, float]] = {}
+    keys = category_keys(gt)
+    params = Params("bbox")
+    params.imgIds, params.catIds = sorted(gt.getImgIds()), sorted(gt.getCatIds())
+    evaluation = CocoEvaluation({}, {}, {}, params.iouThrs, params.recThrs, list(params.catIds), keys)
     for iou_type in iou_types:
         if not results:
             # pycocotools' loadRes fails on an empty list; nothing detected scores zero everywhere.
-            metrics[iou_type] = dict.fromkeys(METRIC_NAMES, 0.0)
-            continue
-        # loadRes edits its input (adds area, id, a box polygon), so give it copies. For masks,
-        # drop the box so that pycocotools takes the mask area for small/medium/large, as the
-        # official protocol does.
-        if iou_type == "segm":
-            entries = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+            evaluation.metrics[iou_type] = dict.fromkeys(METRIC_NAMES, 0.0)
+            precision = _empty_precision(gt, params)
         else:
-            entries = [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
-        with contextlib.redirect_stdout(io.StringIO()):
-            dt = gt.loadRes(entries)
-        evaluator = COCOeval(gt, dt, iou_type)
-        print(f"COCO {iou_type} evaluation:")
-        with contextlib.redirect_stdout(io.StringIO()):  # per-step timing chatter
-            evaluator.evaluate()
-            evaluator.accumulate()
-        evaluator.summarize()
-        # pycocotools reports -1 where no ground truth exists (e.g. no small objects); keep it.
-        metrics[iou_type] = {name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats)}
-    return metrics
+            evaluator = _run_cocoeval(gt, results, iou_type)
+            # pycocotools reports -1 where no ground truth exists (e.g. no small objects); keep it.
+            evaluation.metrics[iou_type] = {name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats)}
+            precision = evaluator.eval["precision"]
+        evaluation.precision[iou_type] = precision
+        evaluation.per_category[iou_type] = _per_category_ap(precision, keys)
+    return evaluation
 
 
-def write_metrics(path: str | Path, metrics: dict[str, dict[str, float]]) -> None:
-    """Write metrics as indented JSON, creating parent folders."""
+def _run_cocoeval(gt: COCO, results: list[dict], iou_type: str) -> COCOeval:
+    """COCOeval evaluated, accumulated and summarized (the table printed) for one IoU type."""
+    # loadRes edits its input (adds area, id, a box polygon), so give it copies. For masks,
+    # drop the box so that pycocotools takes the mask area for small/medium/large, as the
+    # official protocol does.
+    if iou_type == "segm":
+        entries = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+    else:
+        entries = [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt = gt.loadRes(entries)
+    evaluator = COCOeval(gt, dt, iou_type)
+    print(f"COCO {iou_type} evaluation:")
+    with contextlib.redirect_stdout(io.StringIO()):  # per-step timing chatter
+        evaluator.evaluate()
+        evaluator.accumulate()
+    evaluator.summarize()
+    return evaluator
+
+
+def write_metrics(path: str | Path, metrics: dict) -> None:
+    """Write metrics (e.g. :meth:`CocoEvaluation.to_json`) as indented JSON, creating parent folders."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")

@@ -1,6 +1,9 @@
 """Detection evaluation: COCO metrics of a model during training (:func:`evaluate`, every rank), of a checkpoint
-(:func:`evaluate_checkpoint`, the body of ``tools/eval_coco.py``) and of a results file
-(:func:`score_results_file`)."""
+(:func:`evaluate_checkpoint`, the body of ``tools/eval_coco.py``, optionally with test-time augmentation) and of a
+results file (:func:`score_results_file`).
+
+Each writes ``metrics.json`` (:meth:`CocoEvaluation.to_json`: the 12 numbers per IoU type and ``per_category``
+AP) and ``pr_curves.png`` (:func:`tools.engine.plots.plot_pr_curves`) into its output folder."""
 from __future__ import annotations
 
 import json
@@ -13,13 +16,15 @@ from torch import Tensor, nn
 
 from tools.engine.checkpoint import CheckpointManager
 from tools.engine.coco_dataset import CocoDetection
-from tools.engine.coco_eval import evaluate_coco, write_metrics
+from tools.engine.coco_eval import CocoEvaluation, evaluate_coco_details, write_metrics
 from tools.engine.coco_results import check_result_masks, detections_to_coco_results, load_results, results_have_segm
 from tools.engine.det_config import DetTrainConfig, dataset_paths
 from tools.engine.det_loader import build_det_loader
 from tools.engine.det_model import for_inference, load_detector
+from tools.engine.det_tta import DetectorWithTTA, TTASettings
 from tools.engine.distributed import all_gather_object, is_main_process
 from tools.engine.faults import crash_point
+from tools.engine.plots import plot_pr_curves
 from tools.engine.runner import default_device
 from tools.engine.train_utils import AmpSettings, autocast
 from tools.engine.visualize import draw_detections, save_grid
@@ -39,12 +44,13 @@ def evaluate(
     label_to_cat_id: dict[int, int] | None = None,
     amp: AmpSettings | None = None,
     iou_types: Sequence[str] | None = None,
-) -> tuple[dict[str, dict[str, float]] | None, list[dict] | None]:
-    """COCO-evaluate ``model`` on ``loader`` (this rank's share of ``dataset``); returns ``(metrics, results)``.
+) -> tuple[CocoEvaluation | None, list[dict] | None]:
+    """COCO-evaluate ``model`` on ``loader`` (this rank's share of ``dataset``); returns ``(evaluation, results)``.
 
     Every rank runs its images; rank 0 gathers all detections (``all_gather_object``), scores
     them with pycocotools against ``dataset.coco`` (``bbox``, plus ``segm`` for Mask R-CNN)
     and returns them; other ranks get ``(None, None)``. The model is left in eval mode.
+    ``evaluation.metrics`` holds the 12 numbers per IoU type.
     """
     model.eval()
     amp = amp or AmpSettings(None, False)
@@ -62,13 +68,18 @@ def evaluate(
         return None, None
     results = [r for part in gathered for r in part]
     iou_types = iou_types or (("bbox", "segm") if has_masks else ("bbox",))
-    return evaluate_coco(dataset.coco, results, iou_types), results
+    return evaluate_coco_details(dataset.coco, results, iou_types), results
 
 
-def write_eval(out: Path, metrics: dict[str, dict[str, float]], results: list[dict]) -> None:
+def write_eval(out: Path, evaluation: CocoEvaluation, results: list[dict] | None,
+               extra: dict[str, Any] | None = None) -> None:
+    """Write ``coco_results.json`` (unless ``results`` is None), ``metrics.json`` (``extra`` keys added) and
+    ``pr_curves.png`` into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "coco_results.json").write_text(json.dumps(results))
-    write_metrics(out / "metrics.json", metrics)
+    if results is not None:
+        (out / "coco_results.json").write_text(json.dumps(results))
+    write_metrics(out / "metrics.json", {**evaluation.to_json(), **(extra or {})})
+    plot_pr_curves(evaluation, out / "pr_curves.png")
 
 
 def prediction_grid(model: nn.Module, dataset: CocoDetection, count: int, device: torch.device,
@@ -136,17 +147,30 @@ def evaluate_checkpoint(
     allow_outside_root: bool = False,
     bf16: bool = False,
     compile: bool = False,
+    tta: TTASettings | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Evaluate a detector checkpoint on a COCO set; prints the table, writes ``coco_results.json`` and ``metrics.json``.
+    """Evaluate a detector checkpoint on a COCO set; prints the table, writes ``coco_results.json``,
+    ``metrics.json`` and ``pr_curves.png``; returns the 12 numbers per IoU type.
 
     Detections whose class the dataset lacks (a COCO model on a subset) are left out.
     ``allow_outside_root``: accept annotation ``file_name``s that are absolute or leave ``val_images``.
     ``bf16`` / ``compile``: run through :func:`backbones.optimize_for_inference` with those options.
+    ``tta``: run the model through :class:`tools.engine.det_tta.DetectorWithTTA` with these settings;
+    ``metrics.json`` then records them under ``"tta"`` (with the sizes actually run).
+
+    Example:
+        >>> evaluate_checkpoint("model_final.pth", "val/", "val.json", "out/", tta=TTASettings(sizes=(640, 800)))
     """
     dev = torch.device(device or default_device())
     model, info = load_detector(weights, overrides)
     model = for_inference(model.to(dev), bf16, compile)
     masks = model.roi_heads.has_mask()
+    extra = None
+    if tta is not None:
+        model = DetectorWithTTA(model, tta)
+        extra = {"tta": {**tta.to_json(), "augmentations": [list(a) for a in model.augmentations]}}
+        logger.info("test-time augmentation: %d views (min size, max size, flip): %s", len(model.augmentations),
+                    ", ".join(f"({a.min_size}, {a.max_size}, {a.flip})" for a in model.augmentations))
     val_set = CocoDetection(val_images, val_ann, None, with_masks=masks, allow_outside_root=allow_outside_root)
     mapping = _label_mapping(info, val_set)
     loader = build_det_loader(val_set, batch_size, train=False, workers=workers)
@@ -157,9 +181,9 @@ def evaluate_checkpoint(
             outputs = model([img.to(dev) for img in images])
             outputs = [_keep_labels(o, mapping) for o in outputs]
             results += detections_to_coco_results(outputs, [t["image_id"] for t in targets], mapping)
-    metrics = evaluate_coco(val_set.coco, results, ("bbox", "segm") if masks else ("bbox",))
-    write_eval(Path(output_dir), metrics, results)
-    return metrics
+    evaluation = evaluate_coco_details(val_set.coco, results, ("bbox", "segm") if masks else ("bbox",))
+    write_eval(Path(output_dir), evaluation, results, extra)
+    return evaluation.metrics
 
 
 def _keep_labels(output: dict[str, Tensor], mapping: dict[int, int]) -> dict[str, Tensor]:
@@ -172,7 +196,8 @@ def score_results_file(results: str | Path, val_ann: str | Path, output_dir: str
     """Score an existing COCO results file: ``bbox``, plus ``segm`` when every result has a segmentation.
 
     The ground truth goes through the same checks as in training (:class:`CocoDetection`).
-    Prints the table and writes ``OUTPUT_DIR/metrics.json``.
+    Prints the table and writes ``OUTPUT_DIR/metrics.json`` and ``OUTPUT_DIR/pr_curves.png``; returns the 12
+    numbers per IoU type.
     """
     entries = load_results(results)
     segm = results_have_segm(entries)
@@ -180,8 +205,8 @@ def score_results_file(results: str | Path, val_ann: str | Path, output_dir: str
     try:
         if segm:
             check_result_masks(entries, gt.coco)
-        metrics = evaluate_coco(gt.coco, entries, ("bbox", "segm") if segm else ("bbox",))
+        evaluation = evaluate_coco_details(gt.coco, entries, ("bbox", "segm") if segm else ("bbox",))
     except ValueError as e:
         raise ValueError(f"{results}: {e}") from None
-    write_metrics(Path(output_dir) / "metrics.json", metrics)
-    return metrics
+    write_eval(Path(output_dir), evaluation, None)
+    return evaluation.metrics

@@ -195,11 +195,12 @@ def _train(cfg: DetTrainConfig, info: DistInfo, resume: bool, overwrite: bool) -
     keep_best = _KeepBest(cfg, runner, task_state, found)
 
     def run_eval(iteration: int) -> dict[str, dict[str, float]] | None:
-        metrics, results = evaluate(runner.eval_model(), val_loader, data.val_set, runner.device,
-                                    data.label_to_cat_id, runner.amp)
+        evaluation, results = evaluate(runner.eval_model(), val_loader, data.val_set, runner.device,
+                                       data.label_to_cat_id, runner.amp)
         net.train()
+        metrics = evaluation.metrics if evaluation is not None else None
         if runner.main:
-            write_eval(runner.out, metrics, results)
+            write_eval(runner.out, evaluation, results)
             runner.metrics.log(step=iteration, **{f"{t}_{k}": v for t, m in metrics.items() for k, v in m.items()})
             keep_best(metrics, iteration)
         return metrics
