@@ -102,25 +102,30 @@ class _Killed(Exception):
     pass
 
 
-def test_adamw_cosine_ema_resume_exactly(shapes, tmp_path, monkeypatch):
+def _killed_and_resumed(cfg: DetTrainConfig, monkeypatch, at_step: int) -> None:
+    """Run ``cfg``, killed in its ``at_step``-th optimizer step, then resumed from its newest checkpoint."""
     import tools.engine.runner as runner
 
-    options = {"optimizer": "adamw", "sched": "cosine", "lr": 1e-3, "ema": 0.9, "no_weight_decay_norm_bias": True,
-               "iters": 6, "checkpoint_every": 3, "grad_accum": 2, "batch_size": 1}
-    train(_cfg(shapes, tmp_path / "whole", **options))
     steps = []
 
-    def crash(point: str) -> None:  # the run dies in its 5th optimizer step, after the iteration-3 checkpoint
+    def crash(point: str) -> None:
         steps.append(point)
-        if len(steps) == 5:
+        if len(steps) == at_step:
             raise _Killed
 
     monkeypatch.setattr(runner, "crash_point", crash)
     with pytest.raises(_Killed):
-        train(_cfg(shapes, tmp_path / "split", **options))
+        train(cfg)
     monkeypatch.undo()
-    # Resumed from the iteration-3 checkpoint: same schedule position, Adam moments and EMA.
-    train(_cfg(shapes, tmp_path / "split", **options), resume=True)
+    train(cfg, resume=True)
+
+
+def test_adamw_cosine_ema_resume_exactly(shapes, tmp_path, monkeypatch):
+    options = {"optimizer": "adamw", "sched": "cosine", "lr": 1e-3, "ema": 0.9, "no_weight_decay_norm_bias": True,
+               "iters": 6, "checkpoint_every": 3, "grad_accum": 2, "batch_size": 1}
+    train(_cfg(shapes, tmp_path / "whole", **options))
+    # Killed in step 5, resumed from the iteration-3 checkpoint: same schedule position, Adam moments and EMA.
+    _killed_and_resumed(_cfg(shapes, tmp_path / "split", **options), monkeypatch, at_step=5)
     whole, split = load_checkpoint(tmp_path / "whole" / "model_0000006.pth"), load_checkpoint(
         tmp_path / "split" / "model_0000006.pth")
     for part in ("model", "ema"):
@@ -139,6 +144,25 @@ def test_adamw_cosine_ema_resume_exactly(shapes, tmp_path, monkeypatch):
     assert any(not torch.equal(whole["model"][k], whole["ema"][k]) for k in whole["ema"] if k.endswith("weight"))
     # No weight decay on norms and biases: a second param group with weight_decay 0.
     assert [g["weight_decay"] for g in whole["optimizer"]["param_groups"]] == [TINY.get("weight_decay", 1e-4), 0.0]
+
+
+def test_lsj_and_copy_paste_train_mask_rcnn_and_resume_exactly(shapes, tmp_path, monkeypatch):
+    options = {"detector": "mask_rcnn", "lsj": True, "max_size": 64, "copy_paste": 1.0, "grad_accum": 2,
+               "batch_size": 2, "iters": 4, "checkpoint_every": 2}
+    train(_cfg(shapes, tmp_path / "whole", **options))
+    _killed_and_resumed(_cfg(shapes, tmp_path / "split", **options), monkeypatch, at_step=4)
+    whole, split = (load_checkpoint(tmp_path / name / "model_0000004.pth") for name in ("whole", "split"))
+    assert all(torch.equal(value, split["model"][key]) for key, value in whole["model"].items())
+    # The detector keeps the LSJ squares as they are: its resize goes to max_size both ways.
+    assert whole["model_spec"]["options"]["min_size"] == (64,) and whole["model_spec"]["options"]["max_size"] == 64
+
+
+def test_copy_paste_changes_training(shapes, tmp_path):
+    options = {"detector": "mask_rcnn", "iters": 2, "hflip": 0.0}
+    train(_cfg(shapes, tmp_path / "plain", **options))
+    train(_cfg(shapes, tmp_path / "pasted", copy_paste=1.0, **options))
+    plain, pasted = _final_weights(tmp_path / "plain"), _final_weights(tmp_path / "pasted")
+    assert any(not torch.equal(plain[k], pasted[k]) for k in plain)
 
 
 def test_deterministic_runs_are_bit_identical(shapes, tmp_path, monkeypatch):
@@ -174,6 +198,8 @@ def test_keep_best_keeps_the_highest_scoring_weights(shapes, tmp_path):
     (["--ema", "1.5"], "ema"),
     (["--keep-best", "bbox/mAP"], "keep_best"),
     (["--keep-best", "segm/AP"], "keep_best"),  # Faster R-CNN has no masks
+    (["--copy-paste", "0.5"], "copy_paste"),  # nor does copy-paste have masks to paste
+    (["--copy-paste", "2"], "copy_paste"),
 ])
 def test_bad_values_exit_2(flags, message, tmp_path, capsys):
     assert train_det_main(["--output-dir", str(tmp_path), "--iters", "1", *flags]) == 2

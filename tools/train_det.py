@@ -53,6 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sched", choices=["multistep", "cosine"], help="lr decay after the warmup")
     p.add_argument("--no-weight-decay-norm-bias", action="store_true", default=None,
                    help="no weight decay on norm layers and biases")
+    p.add_argument("--lsj", action="store_true", default=None,
+                   help="large-scale jitter: train on --max-size squares of images resized by 0.1-2.0")
+    p.add_argument("--copy-paste", type=float, metavar="P",
+                   help="Mask R-CNN: paste instances between the images of a batch with probability P")
     p.add_argument("--ema", type=float, metavar="DECAY", help="evaluate and save an EMA of the weights (e.g. 0.9998)")
     p.add_argument("--min-size", type=int, help="shorter image side for training and testing (no multi-scale)")
     p.add_argument("--max-size", type=int, help="longer image side cap")
@@ -106,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         "sched": args.sched,
         "no_weight_decay_norm_bias": args.no_weight_decay_norm_bias,
         "ema": args.ema,
+        "lsj": args.lsj,
+        "copy_paste": args.copy_paste,
         "min_sizes": [args.min_size] if args.min_size is not None else None,
         "max_size": args.max_size,
         "device": args.device,

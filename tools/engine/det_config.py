@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tools.engine.coco_dataset import lsj_detector_options
 from tools.engine.coco_eval import METRIC_NAMES
 from tools.engine.config import bounds, load_config, rescale_schedule
 from tools.engine.det_model import check_model_spec
@@ -55,6 +56,11 @@ class DetTrainConfig:
                                        metadata=bounds(ge=1))  # test: the last
     max_size: int = field(default=1333, metadata=bounds(ge=1))
     hflip: float = field(default=0.5, metadata=bounds(ge=0, le=1))
+    # Large-scale jitter: training images are resized to 0.1-2.0 of max_size, then cropped or padded to
+    # max_size x max_size squares, and the detector works at that size (min_sizes is not used).
+    lsj: bool = False
+    # Copy-paste (Mask R-CNN): with this probability an image gets instances of another image of its batch.
+    copy_paste: float = field(default=0.0, metadata=bounds(ge=0, le=1))
     drop_empty: bool = False  # leave out training images without annotations
     # Annotation file_names are confined to their images folder: absolute ones or ones leaving it
     # through ".." are refused, unless this is set (the dataset paths themselves are taken as given).
@@ -167,6 +173,8 @@ def check_config(cfg: DetTrainConfig, source: str | Path | None = None) -> None:
                          f"{cfg.warmup_factor}")
     if cfg.keep_best is not None:
         best_metric(cfg.keep_best, cfg.detector)
+    if cfg.copy_paste > 0 and cfg.detector != "mask_rcnn":
+        raise ValueError(f"copy_paste needs instance masks: use it with detector mask_rcnn, got {cfg.detector}")
     given = [cfg.train_images, cfg.train_ann, cfg.val_images, cfg.val_ann]
     if any(v is not None for v in given) and not all(v is not None for v in given):
         raise ValueError("give all of train_images, train_ann, val_images and val_ann "
@@ -191,6 +199,8 @@ def best_metric(name: str, detector: str) -> tuple[str, str]:
 def model_spec(cfg: DetTrainConfig, num_classes: int) -> dict[str, Any]:
     """The keyword arguments of ``heads.build_detector`` for ``cfg``: what a checkpoint stores to rebuild its model."""
     options = dict(cfg.detector_options)
+    if cfg.lsj:  # the data is already at the training size: the detector's resize keeps it
+        options.update(lsj_detector_options(cfg.max_size))
     options.setdefault("min_size", tuple(cfg.min_sizes))
     options.setdefault("max_size", cfg.max_size)
     return {

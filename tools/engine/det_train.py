@@ -42,6 +42,7 @@ from tools.engine.auto_recipe import det_data_stats, det_recipe, under_flags
 from tools.engine.coco_dataset import CocoDetection, build_det_transforms
 from tools.engine.checkpoint import export_weights, save_checkpoint
 from tools.engine.config import ema_decay_for_run
+from tools.engine.copy_paste import CopyPaste
 from tools.engine.det_config import DetTrainConfig, best_metric, build_config, check_config, dataset_paths, model_spec
 from tools.engine.det_eval import evaluate, evaluate_config, prediction_grid, write_eval
 from tools.engine.det_loader import InfiniteBatches, build_det_loader
@@ -134,11 +135,12 @@ class _Data(NamedTuple):
 
 def _datasets(cfg: DetTrainConfig) -> _Data:
     """The training and validation sets. Multi-scale resizing happens in the model (GeneralizedRCNNTransform
-    picks one of min_sizes per image), so the training set only flips."""
+    picks one of min_sizes per image), so the training set only flips, or with ``lsj`` jitters and crops to
+    the detector's fixed size."""
     masks = cfg.detector == "mask_rcnn"
     paths = dataset_paths(cfg)
-    train_set = CocoDetection(paths["train_images"], paths["train_ann"],
-                              build_det_transforms(train=True, hflip_prob=cfg.hflip),
+    transforms = build_det_transforms(train=True, hflip_prob=cfg.hflip, lsj_size=cfg.max_size if cfg.lsj else None)
+    train_set = CocoDetection(paths["train_images"], paths["train_ann"], transforms,
                               with_masks=masks, drop_empty=cfg.drop_empty,
                               allow_outside_root=cfg.allow_outside_root)
     val_set = CocoDetection(paths["val_images"], paths["val_ann"], None, with_masks=masks,
@@ -154,8 +156,9 @@ def train(cfg: DetTrainConfig, *, resume: bool = False, overwrite: bool = False)
     Writes to ``cfg.output_dir``: ``config.yaml``, ``model_{iter:07d}.pth`` checkpoints (every
     ``checkpoint_every`` iterations and at the end), ``model_final.pth`` (its weights alone also as
     ``model_final.safetensors``), ``metrics.jsonl`` and TensorBoard events (losses and lr every
-    ``log_every`` iterations, APs at each evaluation), ``coco_results.json``, ``metrics.json``,
-    ``loss_curve.png`` and ``val_predictions.png``. Checkpoints hold ``model``, ``optimizer``, ``scheduler``,
+    ``log_every`` iterations, APs at each evaluation), ``coco_results.json``, ``metrics.json`` (with per-category
+    AP), ``pr_curves.png``, ``loss_curve.png``, ``val_predictions.png`` and, with ``keep_best``, ``model_best.*``.
+    Checkpoints hold ``model``, ``optimizer``, ``scheduler``,
     ``scaler``, ``divergence_guard``, ``iteration``, ``rng`` (every rank's), ``config``, ``model_spec``,
     ``label_to_cat_id`` and ``class_names``.
 
@@ -293,8 +296,11 @@ def _loop(cfg: DetTrainConfig, runner: Runner, net: nn.Module, batches: Infinite
         loss = sum(loss_dict.values())
         return loss, {**loss_dict, "loss": loss}
 
+    copy_paste = CopyPaste(cfg.copy_paste) if cfg.copy_paste > 0 else None
     for iteration in range(batches.iteration, cfg.iters):
         images, targets = next(batches)
+        if copy_paste is not None:  # on the whole step's batch, so accumulation sees the images one batch would
+            images, targets = copy_paste(*_to_device(images, targets, runner.device))
         micro_batches = [(images[i:i + cfg.batch_size], targets[i:i + cfg.batch_size])
                          for i in range(0, len(images), cfg.batch_size)]
         lr_now = runner.optimizer.param_groups[0]["lr"]
