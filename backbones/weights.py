@@ -9,15 +9,17 @@ import logging
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Optional, Union
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 __all__ = [
     "Checkpoint",
+    "KeyReport",
     "LoadResult",
     "UnsafeCheckpointError",
+    "compare_state_dicts",
     "read_file",
     "read_checkpoint",
     "load_weights",
@@ -140,35 +142,72 @@ def _format_keys(keys: list[str], limit: int = 40) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
+def is_counter(key: str) -> bool:
+    """BatchNorm's ``num_batches_tracked``: optional on both sides, so BN and FrozenBN checkpoints load each other."""
+    return key.endswith("num_batches_tracked")
+
+
+class KeyReport(NamedTuple):
+    """How a state dict fits a model's.
+
+    Attributes:
+        missing: the model's keys the state dict lacks, in the model's order.
+        unexpected: the state dict's keys the model lacks, in the state dict's order.
+        wrong_shape: ``(key, checkpoint shape, model shape)`` for keys in both with different shapes.
+    """
+
+    missing: list[str]
+    unexpected: list[str]
+    wrong_shape: list[tuple[str, tuple[int, ...], tuple[int, ...]]]
+
+
+def compare_state_dicts(
+    expected: Mapping[str, Tensor],
+    state: Mapping[str, Tensor],
+    allowed_missing: Callable[[str], bool] = lambda key: False,
+) -> KeyReport:
+    """Missing, unexpected and wrongly shaped keys of ``state`` against ``expected`` (a ``model.state_dict()``).
+
+    BatchNorm counters (``num_batches_tracked``) are optional on both sides; keys for which ``allowed_missing`` is
+    true may be absent from ``state``.
+    """
+    missing = [k for k in expected if k not in state and not is_counter(k) and not allowed_missing(k)]
+    unexpected = [k for k in state if k not in expected and not is_counter(k)]
+    wrong_shape = [
+        (k, tuple(v.shape), tuple(expected[k].shape))
+        for k, v in state.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    return KeyReport(missing, unexpected, wrong_shape)
+
+
 def load_state_dict_checked(
     model: nn.Module,
     state: Mapping[str, Tensor],
     strict: bool = True,
     allowed_missing: tuple[str, ...] = (),
+    names: Optional[Mapping[str, str]] = None,
 ) -> tuple[list[str], list[str]]:
     """``model.load_state_dict`` with readable errors: shape mismatches, missing and unexpected keys all listed.
 
-    Missing keys ending with one of ``allowed_missing`` are accepted (parameters with a defined initial value).
+    Missing keys ending with one of ``allowed_missing`` are accepted (parameters with a defined initial value), and
+    so are BatchNorm counters. ``names`` shows keys in the messages as the checkpoint named them (e.g.
+    ``"res2_0_branch2a_bn_s (layer1.0.bn1.weight)"``). Returns the missing and unexpected keys.
     """
-    own = model.state_dict()
-    mismatched = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if k in own and v.shape != own[k].shape
-    ]
-    if mismatched:
+    report = compare_state_dicts(model.state_dict(), state, lambda key: key.endswith(allowed_missing))
+    names = names or {}
+    if report.wrong_shape:
+        mismatched = [f"{names.get(k, k)}: checkpoint {c} vs model {m}" for k, c, m in report.wrong_shape]
         raise ValueError(f"checkpoint shapes do not match the model: {_format_keys(mismatched)}")
-    result = model.load_state_dict(dict(state), strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith(allowed_missing)]
-    unexpected = list(result.unexpected_keys)
-    if strict and (missing or unexpected):
+    if strict and (report.missing or report.unexpected):
         parts = []
-        if missing:
-            parts.append(f"missing keys: {_format_keys(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_format_keys(unexpected)}")
+        if report.missing:
+            parts.append(f"missing keys: {_format_keys([names.get(k, k) for k in report.missing])}")
+        if report.unexpected:
+            parts.append(f"unexpected keys: {_format_keys([names.get(k, k) for k in report.unexpected])}")
         raise ValueError(f"checkpoint does not match {type(model).__name__}: " + "; ".join(parts))
-    return missing, unexpected
+    model.load_state_dict(dict(state), strict=False)
+    return report.missing, report.unexpected
 
 
 def load_weights(model: nn.Module, checkpoint: Checkpoint, strict: bool = True) -> LoadResult:
