@@ -1,13 +1,17 @@
 """Reading checkpoints safely and loading them into backbones.
 
-Every file goes through ``torch.load(weights_only=True)`` or safetensors: a checkpoint can carry tensors and plain
-containers, never code.
+Every file goes through ``torch.load(weights_only=True)``, safetensors, or (``.pkl`` files of Detectron and
+detectron2) an unpickler that rebuilds only containers, numbers, strings and numpy arrays: a checkpoint can carry
+tensors and plain values, never code.
 """
 from __future__ import annotations
 
+import collections
+import importlib
 import logging
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
@@ -29,8 +33,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Checkpoint = Union[str, Path, Mapping[str, Any]]
-# Keys under which training scripts nest the weights (ours and timm's/torchvision references': "model").
-_NESTING_KEYS = ("model", "state_dict", "model_state_dict")
+# Keys under which checkpoints nest the weights: training scripts (ours, timm's and torchvision's references, and
+# detectron2's model zoo) use "model"; Detectron's Caffe2 files "blobs".
+_NESTING_KEYS = ("model", "state_dict", "model_state_dict", "blobs")
 # Deformable-conv offset predictors are absent from plain checkpoints; they start at zero (a plain 3x3 conv).
 _OFFSET_KEYS = ("conv2_offset.weight", "conv2_offset.bias")
 
@@ -52,11 +57,16 @@ class UnsafeCheckpointError(ValueError, pickle.UnpicklingError):
 
 
 def read_file(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> Any:
-    """Load a ``.safetensors`` file, or a ``.pth/.pt/.bin`` file with ``torch.load(weights_only=True)``.
+    """Load a ``.safetensors`` file, a ``.pth/.pt/.bin`` file with ``torch.load(weights_only=True)``, or a ``.pkl``.
+
+    A ``.pkl`` is a Detectron/detectron2 pickle (``{"blobs": {name: array}}``, ``{"model": {name: array}, ...}`` or a
+    flat ``{name: array}``, Python 2 pickles included), read by an unpickler that rebuilds only containers, numbers,
+    strings and numpy arrays; its numeric arrays come back as tensors. A ``.pkl`` written by ``torch.save`` is read
+    like a ``.pth``.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        UnsafeCheckpointError: the file holds objects other than tensors and plain containers (a pickle that
+        UnsafeCheckpointError: the file holds objects other than tensors, arrays and plain containers (a pickle that
             would run code is refused without running it).
         ValueError: naming ``path``, for anything else that is not a readable checkpoint: empty, truncated or
             corrupt files, other file types, a safetensors file with a bad header, an unreadable file.
@@ -69,7 +79,15 @@ def read_file(path: Union[str, Path], map_location: Union[str, torch.device] = "
             from safetensors.torch import load_file
 
             return load_file(str(path), device=str(map_location))
+        if path.suffix == ".pkl" and not zipfile.is_zipfile(path):
+            with open(path, "rb") as f:
+                loaded = _ArrayUnpickler(f, path).load()
+            # The legacy (pre-zip) torch.save format starts with a pickled magic number: torch.load reads it below.
+            if not (type(loaded) is int and loaded == torch.serialization.MAGIC_NUMBER):
+                return _arrays_to_tensors(loaded, map_location)
         return torch.load(path, map_location=map_location, weights_only=True)
+    except UnsafeCheckpointError:
+        raise
     except pickle.UnpicklingError as e:
         refused = _refusal(path, e)
         if refused is not None:
@@ -78,6 +96,114 @@ def read_file(path: Union[str, Path], map_location: Union[str, torch.device] = "
     except Exception as e:  # noqa: BLE001 - corrupt bytes surface as EOFError, KeyError, OSError, RuntimeError,
         # SafetensorError, ...: whatever the parser tripped on, the file is not a readable checkpoint.
         raise ValueError(f"cannot read checkpoint {path}: {_read_problem(path, e)}") from None
+
+
+def _numpy_global(module: str, name: str) -> Callable[[], Any]:
+    """The numpy object ``numpy._core.<module>.<name>`` (numpy 2) or ``numpy.core.<module>.<name>`` (numpy 1)."""
+
+    def resolve() -> Any:
+        try:
+            found = importlib.import_module(f"numpy._core.{module}")
+        except ImportError:
+            found = importlib.import_module(f"numpy.core.{module}")
+        return getattr(found, name)
+
+    return resolve
+
+
+def _numpy_attribute(name: str) -> Callable[[], Any]:
+    def resolve() -> Any:
+        import numpy
+
+        return getattr(numpy, name)
+
+    return resolve
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as Python 3 pickles bytes at protocol 2 and below: latin-1 only."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"unexpected _codecs.encode({type(text).__name__}, {encoding!r})")
+    return text.encode("latin1")
+
+
+def _empty_bytes(*args: Any) -> bytes:
+    """``bytes()`` as Python 3 pickles an empty ``bytes`` at protocol 2 and below; nothing else."""
+    if args:
+        raise pickle.UnpicklingError("unexpected bytes(...) call in the pickle")
+    return b""
+
+
+# Everything a pickle of nested dicts/lists of numpy arrays and scalars references, as written by numpy 1 and 2
+# (``numpy.core`` / ``numpy._core``) with every pickle protocol: ``_reconstruct`` + ``ndarray`` + ``dtype`` (protocols
+# 0-4), ``_frombuffer`` (protocol 5), ``scalar`` (numpy scalars), and the bytes of protocols 0-2 (``_codecs.encode``,
+# ``bytes()``); plus the plain containers Python pickles by reference.
+_PICKLE_GLOBALS: dict[str, Callable[[], Any]] = {
+    **{
+        f"{package}.{module}.{name}": _numpy_global(module, name)
+        for package in ("numpy.core", "numpy._core")
+        for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))
+    },
+    "numpy.ndarray": _numpy_attribute("ndarray"),
+    "numpy.dtype": _numpy_attribute("dtype"),
+    "_codecs.encode": lambda: _latin1_encode,
+    "__builtin__.bytes": lambda: _empty_bytes,
+    "builtins.bytes": lambda: _empty_bytes,
+    "collections.OrderedDict": lambda: collections.OrderedDict,
+    "__builtin__.set": lambda: set,
+    "builtins.set": lambda: set,
+    "__builtin__.frozenset": lambda: frozenset,
+    "builtins.frozenset": lambda: frozenset,
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Rebuilds containers, numbers, strings and numpy arrays; any other global is refused before anything runs.
+
+    ``find_class`` is asked for every global a pickle names, before the pickle can call it: refusing there means no
+    code of the file runs. ``encoding="latin1"`` reads Python 2 pickles (Detectron's Caffe2 files), whose ``str``
+    holds the arrays' bytes.
+    """
+
+    def __init__(self, file: Any, path: Path) -> None:
+        super().__init__(file, encoding="latin1")
+        self._path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        resolve = _PICKLE_GLOBALS.get(f"{module}.{name}")
+        if resolve is None:
+            shown = f"{module}.{name}"
+            shown = shown if shown.isprintable() else ascii(shown)
+            raise UnsafeCheckpointError(
+                f"refused to load {self._path}: it holds Python objects other than arrays and plain values "
+                f"({shown[:200]}), which could run code when unpickled"
+            )
+        return resolve()
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("unsupported persistent id in a .pkl file (not a Detectron/detectron2 pickle)")
+
+
+def _arrays_to_tensors(obj: Any, map_location: Union[str, torch.device] = "cpu") -> Any:
+    """``obj`` with numeric numpy arrays turned into tensors (copies, native byte order) and numpy scalars into
+    Python numbers, through dicts, lists and tuples; other arrays (strings, objects) are left as they are."""
+    import numpy as np
+
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind not in "biufc":
+            return obj
+        try:
+            tensor = torch.from_numpy(np.array(obj, dtype=obj.dtype.newbyteorder("="), copy=True))
+        except TypeError:  # a dtype torch has no tensor type for
+            return obj
+        return tensor.to(map_location)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Mapping):
+        return {k: _arrays_to_tensors(v, map_location) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_arrays_to_tensors(v, map_location) for v in obj)
+    return obj
 
 
 def _refusal(path: Path, error: pickle.UnpicklingError) -> Optional[str]:
@@ -129,6 +255,8 @@ def read_checkpoint(checkpoint: Checkpoint) -> dict[str, Tensor]:
         if nested is None:
             break
         state = state[nested]
+    if not from_file:
+        state = _arrays_to_tensors(state)  # a dict of numpy arrays unpickled by the caller
     state = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, Tensor)}
     if not state:
         raise ValueError(f"{where}checkpoint holds no tensors")
