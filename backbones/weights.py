@@ -41,7 +41,11 @@ _OFFSET_KEYS = ("conv2_offset.weight", "conv2_offset.bias")
 
 
 class LoadResult(NamedTuple):
-    """What ``load_weights`` did not load: keys absent from the checkpoint, extra ones, and deliberately skipped."""
+    """What ``load_weights`` did not load: keys absent from the checkpoint, extra ones, and deliberately skipped.
+
+    Missing keys are the model's names; unexpected and skipped keys are named as in the checkpoint (a Caffe2 file's
+    blob names, e.g. ``res2_0_branch2a_b``).
+    """
 
     missing_keys: list[str]
     unexpected_keys: list[str]
@@ -344,18 +348,23 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint, strict: bool = True) 
     Args:
         model: a ``ResNet`` (classifier or feature extractor), an ``FPN`` (loads its bottom-up model) or any module
             whose keys match the checkpoint's.
-        checkpoint: a path (``.pth``/``.pt``/``.bin`` read with ``torch.load(weights_only=True)``, or
-            ``.safetensors``) or a state dict; torchvision and timm ImageNet checkpoints and this library's own
-            (also training checkpoints nesting the weights under ``"model"``).
+        checkpoint: a path (``.pth``/``.pt``/``.bin`` read with ``torch.load(weights_only=True)``, ``.safetensors``,
+            or a Detectron/detectron2 ``.pkl``) or a state dict; torchvision and timm ImageNet checkpoints, this
+            library's own (also training checkpoints nesting the weights under ``"model"``), and Caffe2 ImageNet
+            ResNets (``R-50.pkl``, ``R-101.pkl``, ``X-101-32x8d.pkl``: see ``backbones.detectron``).
         strict: raise ``ValueError`` listing any missing or unexpected key (other than those skipped on purpose).
 
     The classifier (``fc``) is dropped when the model is a feature extractor, and skipped with a message when the
-    class count differs. Deformable-conv offset predictors may be missing: they start at zero (a plain conv).
+    class count differs. Deformable-conv offset predictors may be missing: they start at zero (a plain conv), and so
+    may BatchNorm counters.
 
     Example:
         >>> model = resnet50(out_features=("c2", "c3", "c4", "c5"))
         >>> load_weights(model, "resnet50-0676ba61.pth")
+        >>> msra = ResNet(50, out_features=("c2", "c3", "c4", "c5"), stride_in_1x1=True, norm="FrozenBN")
+        >>> load_weights(msra, "R-50.pkl")
     """
+    from .detectron import convert_caffe2_state, is_caffe2_state
     from .fpn import FPN
     from .resnet import STAGE_NAMES, ResNet
 
@@ -363,7 +372,13 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint, strict: bool = True) 
         return load_weights(model.body, checkpoint, strict)
     state = read_checkpoint(checkpoint)
     skipped: list[str] = []
+    left_out: list[str] = []  # checkpoint entries the model has no place for, left out on purpose
+    file_names: dict[str, str] = {}  # key -> the checkpoint's own name, where it differs
+    display_names: dict[str, str] = {}
     if isinstance(model, ResNet):
+        if is_caffe2_state(state):
+            source = str(checkpoint) if isinstance(checkpoint, (str, Path)) else "checkpoint"
+            state, file_names, display_names, left_out = convert_caffe2_state(model, state, source)
         own = model.state_dict()
         # Stages past the last requested feature and the classifier of a feature extractor are not built.
         unbuilt = {f"layer{i}" for i in range(len(model.stages()) + 1, len(STAGE_NAMES) + 1)}
@@ -382,5 +397,9 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint, strict: bool = True) 
             )
         skipped = absent + fc_mismatch
         state = {k: v for k, v in state.items() if k not in set(skipped)}
-    missing, unexpected = load_state_dict_checked(model, state, strict, allowed_missing=_OFFSET_KEYS + tuple(skipped))
-    return LoadResult(missing, unexpected, skipped)
+    missing, unexpected = load_state_dict_checked(
+        model, state, strict, allowed_missing=_OFFSET_KEYS + tuple(skipped), names=display_names
+    )
+    return LoadResult(
+        missing, [file_names.get(k, k) for k in unexpected], left_out + [file_names.get(k, k) for k in skipped]
+    )
