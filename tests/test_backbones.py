@@ -8,7 +8,7 @@ from torchvision.ops import DeformConv2d, FrozenBatchNorm2d
 
 import backbones as B
 from backbones.resnet import STAGE_NAMES
-from helpers import randomize_norm_stats
+from tools.reference_models import randomize_norm_stats
 
 ALL = ("c2", "c3", "c4", "c5")
 FACTORY_NAMES = sorted(B.FACTORIES)

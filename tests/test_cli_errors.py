@@ -20,7 +20,7 @@ import yaml
 
 from tools import eval_cls, eval_coco, infer, train_cls, train_det
 from tools.engine.shapes import make_shapes_coco, make_shapes_imagefolder
-from helpers import TINY_DETECTOR
+from tools.reference_models import TINY_DETECTOR
 
 REPO = Path(__file__).resolve().parent.parent
 

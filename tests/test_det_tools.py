@@ -16,7 +16,7 @@ from tools.engine.config import load_config
 from tools.engine.det_train import DetTrainConfig, load_detector, train
 from tools.engine.shapes import make_shapes_coco
 from tools.engine.visualize import draw_detections, save_grid
-from helpers import TINY_DETECTOR
+from tools.reference_models import TINY_DETECTOR
 
 TINY = {
     **TINY_DETECTOR,

@@ -26,7 +26,7 @@ from tools.engine import cls_train, det_train, distributed
 from tools.engine.checkpoint import load_checkpoint
 from tools.engine.config import load_config
 from tools.engine.shapes import make_shapes_coco, make_shapes_imagefolder
-from helpers import TINY_DETECTOR
+from tools.reference_models import TINY_DETECTOR
 
 pytestmark = pytest.mark.slow  # torchrun jobs: processes, process groups, restarts
 

@@ -27,7 +27,7 @@ from tools.engine.checkpoint import CheckpointManager, export_weights, load_chec
 from tools.engine.config import load_config
 from tools.engine.faults import CRASH_ENV, crash_point
 from tools.engine.shapes import make_shapes_coco, make_shapes_imagefolder
-from helpers import TINY_DETECTOR
+from tools.reference_models import TINY_DETECTOR, randomize_norm_stats
 
 DET_TINY = {
     **TINY_DETECTOR,
@@ -283,25 +283,15 @@ def _det_spec(**overrides) -> dict:
     return det_train.model_spec(cfg, num_classes=4)
 
 
-@torch.no_grad()
-def _random_stats(model: nn.Module) -> nn.Module:
-    """Non-default norm statistics, so loaded and freshly built norms differ."""
-    g = torch.Generator().manual_seed(5)
-    for name, buffer in model.named_buffers():
-        if name.endswith(("running_mean", "running_var")):
-            buffer.copy_(torch.rand(buffer.shape, generator=g) + 0.5)
-    return model
-
-
 @pytest.mark.parametrize("flag", ["--weights", "--pretrained"])
 def test_train_det_reads_and_writes_safetensors(flag, coco, det_yaml, tmp_path):
     start = tmp_path / "start.safetensors"
     if flag == "--weights":
-        source = _random_stats(det_train.build_model(_det_spec(weights="x")))
+        source = randomize_norm_stats(det_train.build_model(_det_spec(weights="x")), seed=5)
         export_weights(source, start)
         expected = source.state_dict()
     else:
-        source = _random_stats(backbones.resnet18(num_classes=3, base_channels=8))
+        source = randomize_norm_stats(backbones.resnet18(num_classes=3, base_channels=8), seed=5)
         export_weights(source, start)
         expected = {f"backbone.body.{k}": v for k, v in source.state_dict().items()
                     if not k.endswith("num_batches_tracked")}  # FrozenBN has no counter

@@ -15,12 +15,12 @@ import torch
 import yaml
 
 import backbones
-from helpers import TINY_DETECTOR, randomize_norm_stats
 from tools.engine import det_train
 from tools.engine.coco_eval import METRIC_NAMES
 from tools.engine.config import load_config
 from tools.engine.det_train import DetTrainConfig, WarmupMultiStep, build_config, build_model, model_spec, train
 from tools.engine.shapes import make_shapes_coco
+from tools.reference_models import TINY_DETECTOR, randomize_norm_stats
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
