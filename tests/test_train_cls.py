@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -34,43 +33,20 @@ from tools.engine.config import load_config
 from tools.engine.distributed import all_gather_object, barrier, init_distributed, is_main_process, reduce_dict
 from tools.engine.logger import MetricLogger, progress
 from tools.engine.plots import plot_curves, read_metrics
-from tools.engine.shapes import make_shapes_imagefolder
 from tools.engine.train_utils import check_finite, clip_gradients, resolve_amp
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def tint_data(tmp_path_factory) -> Path:
-    """Two classes told apart by colour (red / blue noise): learnable in a dozen iterations."""
-    root = tmp_path_factory.mktemp("tint")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 16), ("val", 8)):
-        for cls, channel in (("blue", 2), ("red", 0)):
-            (root / split / cls).mkdir(parents=True)
-            for i in range(n):
-                img = rng.integers(0, 120, size=(32, 32, 3), dtype=np.uint8)
-                img[..., channel] = rng.integers(130, 256, size=(32, 32), dtype=np.uint8)
-                Image.fromarray(img).save(root / split / cls / f"{i}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def tiny_shapes(tmp_path_factory) -> Path:
-    """The synthetic shapes set, 2 classes x 6 train images: 3 iterations per epoch at batch 4."""
-    return make_shapes_imagefolder(tmp_path_factory.mktemp("shapes"), num_classes=2, train_per_class=6,
-                                   val_per_class=2, image_size=32, seed=1)
 
 
 # ----------------------------------------------------------------------------- full runs
 
 
 @pytest.fixture(scope="module")
-def trained_run(tint_data, tmp_path_factory) -> Path:
+def trained_run(colour_imagefolder, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
     before = torch.get_num_threads()
     rc = train_cls.main([
-        "--model", "resnet18", "--config", str(REPO / "configs/cls/shapes.yaml"), "--data", str(tint_data),
+        "--model", "resnet18", "--config", str(REPO / "configs/cls/shapes.yaml"), "--data", str(colour_imagefolder),
         "--epochs", "2", "--batch-size", "8", "--lr", "1e-3", "--image-size", "32", "--output-dir", str(out),
         "--device", "cpu", "--workers", "0", "--seed", "0",
     ])
@@ -93,9 +69,10 @@ def test_short_run_learns_and_writes_outputs(trained_run):
     assert load_config(ClsTrainConfig, trained_run / "config.yaml").epochs == 2
 
 
-def test_new_run_into_a_used_folder_is_refused_or_overwrites(trained_run, tint_data, tmp_path, capsys):
-    args = ["--model", "resnet18", "--config", str(REPO / "configs/cls/shapes.yaml"), "--data", str(tint_data),
-            "--epochs", "1", "--batch-size", "8", "--image-size", "32", "--device", "cpu", "--workers", "0"]
+def test_new_run_into_a_used_folder_is_refused_or_overwrites(trained_run, colour_imagefolder, tmp_path, capsys):
+    args = ["--model", "resnet18", "--config", str(REPO / "configs/cls/shapes.yaml"), "--data",
+            str(colour_imagefolder), "--epochs", "1", "--batch-size", "8", "--image-size", "32", "--device", "cpu",
+            "--workers", "0"]
     assert train_cls.main([*args, "--output-dir", str(trained_run)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert [r["epoch"] for r in read_metrics(trained_run / "metrics.jsonl")] == [1, 2]  # untouched
@@ -122,10 +99,10 @@ def test_final_weights_load_into_backbones(trained_run):
     backbones.load_weights(features, trained_run / "model_final.pth")
 
 
-def test_eval_cls_matches_training_and_reads_safetensors(trained_run, tint_data, tmp_path, capsys):
+def test_eval_cls_matches_training_and_reads_safetensors(trained_run, colour_imagefolder, tmp_path, capsys):
     expected = json.loads((trained_run / "metrics.json").read_text())
     out_json = tmp_path / "eval.json"
-    assert eval_cls.main(["--weights", str(trained_run / "model_final.pth"), "--data", str(tint_data),
+    assert eval_cls.main(["--weights", str(trained_run / "model_final.pth"), "--data", str(colour_imagefolder),
                           "--workers", "0", "--device", "cpu", "--output", str(out_json)]) == 0
     assert json.loads(out_json.read_text()) == pytest.approx(expected)
     assert "top1" in capsys.readouterr().out
@@ -133,8 +110,9 @@ def test_eval_cls_matches_training_and_reads_safetensors(trained_run, tint_data,
     final = load_checkpoint(trained_run / "model_final.pth")
     description = {"model_name": json.dumps("resnet18"), "model_options": json.dumps(final["model_options"])}
     st = export_weights(final["model"], tmp_path / "w.safetensors", metadata=description)
-    assert eval_cls.main(["--weights", str(st), "--model", "resnet18", "--data", str(tint_data), "--image-size", "32",
-                          "--crop-pct", "1.0", "--workers", "0", "--device", "cpu", "--output", str(out_json)]) == 0
+    assert eval_cls.main(["--weights", str(st), "--model", "resnet18", "--data", str(colour_imagefolder),
+                          "--image-size", "32", "--crop-pct", "1.0", "--workers", "0", "--device", "cpu",
+                          "--output", str(out_json)]) == 0
     assert json.loads(out_json.read_text()) == pytest.approx(expected)
 
 
@@ -153,8 +131,8 @@ def _resume_config(path: Path, data: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume_gives_identical_weights(tiny_shapes, tmp_path, one_thread, caplog):
-    config = _resume_config(tmp_path / "resume.yaml", tiny_shapes)
+def test_sigkill_and_resume_gives_identical_weights(shapes_imagefolder, tmp_path, one_thread, caplog):
+    config = _resume_config(tmp_path / "resume.yaml", shapes_imagefolder)
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed"
 
     # 1. Uninterrupted reference.
@@ -203,8 +181,8 @@ class _NanAfter(nn.Module):
         return loss * float("nan") if self.calls >= self.n else loss
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_shapes, tmp_path):
-    cfg = ClsTrainConfig(model="resnet18", data=str(tiny_shapes), image_size=32, epochs=3, batch_size=4, lr=0.01,
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(shapes_imagefolder, tmp_path):
+    cfg = ClsTrainConfig(model="resnet18", data=str(shapes_imagefolder), image_size=32, epochs=3, batch_size=4, lr=0.01,
                          device="cpu", workers=0, output_dir=str(tmp_path))
     # NaN from the 4th iteration on (index 3, the first of epoch 2): rolled back 3 times, then stopped at index 6.
     with pytest.raises(FloatingPointError, match=r"iteration 6\b.*loss=nan.*after 3 recoveries"):
@@ -241,10 +219,10 @@ def test_train_val_class_mismatch(tmp_path):
         build_datasets(tmp_path, ClsTrainConfig(image_size=8))
 
 
-def test_unreadable_image_named_or_skipped(tiny_shapes, tmp_path):
+def test_unreadable_image_named_or_skipped(shapes_imagefolder, tmp_path):
     root = tmp_path / "data"
     for split in ("train", "val"):
-        for cls_dir in (tiny_shapes / split).iterdir():
+        for cls_dir in (shapes_imagefolder / split).iterdir():
             (root / split / cls_dir.name).mkdir(parents=True)
             for f in sorted(cls_dir.iterdir())[:2]:
                 (root / split / cls_dir.name / f.name).write_bytes(f.read_bytes())

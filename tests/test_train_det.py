@@ -19,42 +19,17 @@ from tools.engine import det_train
 from tools.engine.coco_eval import METRIC_NAMES
 from tools.engine.config import load_config
 from tools.engine.det_train import DetTrainConfig, WarmupMultiStep, build_config, build_model, model_spec, train
-from tools.engine.shapes import make_shapes_coco
-from tools.reference_models import TINY_DETECTOR, randomize_norm_stats
+from tools.reference_models import TINY_DET_TRAINING, randomize_norm_stats
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 
-# A detector small enough to train a few dozen iterations in seconds on a CPU.
-TINY = {
-    **TINY_DETECTOR,
-    "min_sizes": [64],
-    "max_size": 128,
-    "batch_size": 2,
-    "base_lr": 0.16,
-    "base_batch_size": 16,  # -> lr 0.02 at batch 2, and the scaling message
-    "warmup_iters": 2,
-    "warmup_factor": 0.1,
-    "steps": [1000],
-    "workers": 0,
-    "log_every": 1,
-    "checkpoint_every": None,
-    "vis_images": 2,
-}
+def tiny_config(data: dict, output_dir: Path, **overrides) -> DetTrainConfig:
+    return load_config(DetTrainConfig, None, {**TINY_DET_TRAINING, **data, "output_dir": str(output_dir), **overrides})
 
 
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> dict:
-    paths = make_shapes_coco(tmp_path_factory.mktemp("shapes"), num_train=8, num_val=4, image_size=(64, 64))
-    return {k: str(v) for k, v in paths.items()}
-
-
-def tiny_config(shapes: dict, output_dir: Path, **overrides) -> DetTrainConfig:
-    return load_config(DetTrainConfig, None, {**TINY, **shapes, "output_dir": str(output_dir), **overrides})
-
-
-def write_tiny_yaml(path: Path, shapes: dict, **overrides) -> Path:
-    path.write_text(yaml.safe_dump({**TINY, **shapes, **overrides}))
+def write_tiny_yaml(path: Path, data: dict, **overrides) -> Path:
+    path.write_text(yaml.safe_dump({**TINY_DET_TRAINING, **data, **overrides}))
     return path
 
 
@@ -130,9 +105,9 @@ def test_partial_dataset_arguments_are_refused(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def faster_run(shapes, tmp_path_factory):
+def faster_run(coco_shapes, tmp_path_factory):
     out = tmp_path_factory.mktemp("faster")
-    cfg = tiny_config(shapes, out, iters=30, eval_every=15)
+    cfg = tiny_config(coco_shapes, out, iters=30, eval_every=15)
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
@@ -171,8 +146,8 @@ def test_faster_rcnn_trains_and_writes_outputs(faster_run):
     assert {"optimizer", "scheduler", "rng", "config"} <= set(final)
 
 
-def test_mask_rcnn_trains(shapes, tmp_path):
-    cfg = tiny_config(shapes, tmp_path, detector="mask_rcnn", iters=20, vis_images=1)
+def test_mask_rcnn_trains(coco_shapes, tmp_path):
+    cfg = tiny_config(coco_shapes, tmp_path, detector="mask_rcnn", iters=20, vis_images=1)
     metrics = train(cfg)
     loss = losses(tmp_path)
     assert sum(loss[-5:]) / 5 < 0.8 * sum(loss[:5]) / 5
@@ -183,11 +158,12 @@ def test_mask_rcnn_trains(shapes, tmp_path):
     assert all("segmentation" in r for r in results)
 
 
-def test_eval_only_reproduces_final_metrics(faster_run, shapes, tmp_path):
+def test_eval_only_reproduces_final_metrics(faster_run, coco_shapes, tmp_path):
     out, metrics, _ = faster_run
     weights = out / "model_final.pth"
     again = det_train.run_from_args(
-        None, {**TINY, **shapes, "weights": str(weights), "output_dir": str(tmp_path)}, eval_only=True
+        None, {**TINY_DET_TRAINING, **coco_shapes, "weights": str(weights), "output_dir": str(tmp_path)},
+        eval_only=True,
     )
     assert again == metrics
     assert set(json.loads((tmp_path / "metrics.json").read_text())["bbox"]) == set(METRIC_NAMES)
@@ -198,7 +174,8 @@ def test_pretrained_classification_checkpoint_loads_into_backbone(tmp_path):
     state = classifier.state_dict()
     torch.save({"model": state}, tmp_path / "model_final.pth")
 
-    cfg = load_config(DetTrainConfig, None, {**TINY, "backbone_options": {}, "pretrained": str(tmp_path / "model_final.pth")})
+    cfg = load_config(DetTrainConfig, None, {**TINY_DET_TRAINING, "backbone_options": {},
+                                             "pretrained": str(tmp_path / "model_final.pth")})
     model = build_model(model_spec(cfg, 4))
     det_train.load_start_weights(model, cfg.pretrained, cfg.weights)
     body = model.backbone.body.state_dict()
@@ -217,7 +194,7 @@ def test_pretrained_classification_checkpoint_loads_into_backbone(tmp_path):
 
 
 def test_detector_weights_with_other_class_count_skip_the_predictor(caplog):
-    cfg = load_config(DetTrainConfig, None, TINY)
+    cfg = load_config(DetTrainConfig, None, TINY_DET_TRAINING)
     source = build_model(model_spec(cfg, 6))
     target = build_model(model_spec(cfg, 4))
     with caplog.at_level(logging.WARNING):
@@ -235,10 +212,10 @@ def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_killed_and_resumed_run_matches_uninterrupted(shapes, tmp_path):
-    config = write_tiny_yaml(tmp_path / "tiny.yaml", shapes, iters=12, checkpoint_every=3, keep_last=None)
+def test_killed_and_resumed_run_matches_uninterrupted(coco_shapes, tmp_path):
+    config = write_tiny_yaml(tmp_path / "tiny.yaml", coco_shapes, iters=12, checkpoint_every=3, keep_last=None)
     full = tmp_path / "full"
-    train(tiny_config(shapes, full, iters=12, checkpoint_every=3))
+    train(tiny_config(coco_shapes, full, iters=12, checkpoint_every=3))
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
@@ -261,7 +238,7 @@ def test_killed_and_resumed_run_matches_uninterrupted(shapes, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "model_final.pth").exists()
 
-    train(tiny_config(shapes, killed, iters=12, checkpoint_every=3), resume=True)
+    train(tiny_config(coco_shapes, killed, iters=12, checkpoint_every=3), resume=True)
     expected = torch.load(full / "model_final.pth", weights_only=True)["model"]
     resumed = torch.load(killed / "model_final.pth", weights_only=True)["model"]
     assert expected.keys() == resumed.keys()
@@ -270,8 +247,8 @@ def test_killed_and_resumed_run_matches_uninterrupted(shapes, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_process_gloo(shapes, tmp_path):
-    config = write_tiny_yaml(tmp_path / "tiny.yaml", shapes, iters=4, vis_images=1)
+def test_torchrun_two_process_gloo(coco_shapes, tmp_path):
+    config = write_tiny_yaml(tmp_path / "tiny.yaml", coco_shapes, iters=4, vis_images=1)
     out = tmp_path / "ddp"
     result = _run(
         ["-m", "torch.distributed.run", "--nproc_per_node", "2", "tools/train_det.py", "--config", str(config),
@@ -283,7 +260,7 @@ def test_torchrun_two_process_gloo(shapes, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["bbox"]) == set(METRIC_NAMES)
     results = json.loads((out / "coco_results.json").read_text())
-    val_ids = {img["id"] for img in json.loads(Path(shapes["val_ann"]).read_text())["images"]}
+    val_ids = {img["id"] for img in json.loads(Path(coco_shapes["val_ann"]).read_text())["images"]}
     # detections of both ranks' images were gathered (each rank evaluates every other image)
     assert {r["image_id"] for r in results} <= val_ids
     assert len({r["image_id"] for r in results}) > len(val_ids) // 2

@@ -21,7 +21,9 @@ from torchvision.ops import FrozenBatchNorm2d
 
 __all__ = [
     "CONFIDENT_CLASSES",
+    "TINY_CLASSIFIER",
     "TINY_DETECTOR",
+    "TINY_DET_TRAINING",
     "calibrate_norm_stats",
     "max_rel_diff",
     "randomize_norm_stats",
@@ -41,6 +43,18 @@ TINY_DETECTOR: dict[str, Any] = {
         "box_detections_per_img": 20, "box_score_thresh": 0.0,  # detections even from an untrained model
     },
 }
+
+# A tiny detection-training run on 64-px images, two a step: lr 0.16 x 2 / 16 = 0.02 by the linear scaling rule, a
+# short warmup, one step a log line, no checkpoints; tests add the data, the length and their own overrides.
+TINY_DET_TRAINING: dict[str, Any] = {
+    **TINY_DETECTOR,
+    "min_sizes": [64], "max_size": 128, "batch_size": 2, "base_lr": 0.16, "base_batch_size": 16,
+    "warmup_iters": 2, "warmup_factor": 0.1, "steps": [1000], "workers": 0, "log_every": 1,
+    "checkpoint_every": None, "vis_images": 2,
+}
+
+# The model part of every tiny classification-training config in the tests.
+TINY_CLASSIFIER: dict[str, Any] = {"model": "resnet18", "model_options": {"base_channels": 8}}
 
 # COCO label ids the calibrated detectors favour, so that detections pass the score threshold.
 CONFIDENT_CLASSES = [1, 3, 18]
