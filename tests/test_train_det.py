@@ -1,9 +1,10 @@
-"""Detection training: schedule, configs, loss falls, outputs, eval-only, DDP, exact resume, divergence, pretrained."""
+"""Detection training: schedule, configs, recipes, loss falls, outputs, eval-only, DDP, exact resume, start weights."""
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -70,25 +71,23 @@ def test_unknown_config_key_lists_valid_keys(tmp_path):
     assert "base_lr" in str(info.value)  # the valid keys are listed
 
 
-@pytest.mark.parametrize(
-    "name, detector, backbone, iters, steps",
-    [
-        ("faster_rcnn_R50_FPN_1x", "faster_rcnn", "resnet50", 90000, (60000, 80000)),
-        ("faster_rcnn_R50_FPN_3x", "faster_rcnn", "resnet50", 270000, (210000, 250000)),
-        ("mask_rcnn_R50_FPN_1x", "mask_rcnn", "resnet50", 90000, (60000, 80000)),
-        ("mask_rcnn_R50_FPN_3x", "mask_rcnn", "resnet50", 270000, (210000, 250000)),
-        ("faster_rcnn_R101_FPN_3x", "faster_rcnn", "resnet101", 270000, (210000, 250000)),
-        ("mask_rcnn_R101_FPN_3x", "mask_rcnn", "resnet101", 270000, (210000, 250000)),
-    ],
-)
-def test_recipes(name, detector, backbone, iters, steps):
-    cfg, messages = build_config(CONFIGS / f"{name}.yaml")
-    assert (cfg.detector, cfg.backbone, cfg.iters, cfg.steps) == (detector, backbone, iters, steps)
-    assert cfg.batch_size * 8 == cfg.base_batch_size == 16 and cfg.base_lr == 0.02
-    assert (cfg.warmup_iters, cfg.warmup_factor, cfg.momentum, cfg.weight_decay) == (1000, 0.001, 0.9, 1e-4)
-    assert cfg.min_sizes == (640, 672, 704, 736, 768, 800) and cfg.max_size == 1333
-    assert messages == [f"schedule: {iters} iterations, linear warmup over 1000 from lr x0.001, lr x0.1 at iterations "
-                        f"{list(steps)}"]  # nothing rescaled
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*_rcnn_R*_FPN_*x.yaml")))
+def test_recipe_is_what_its_name_header_and_command_say(name):
+    """The detector and backbone of the name, the schedule of the header (1x = 90k iterations), a documented command
+    that trains at the recipe's lr, and a model that builds."""
+    path = CONFIGS / name
+    text = path.read_text()
+    kind, depth, multiple = re.fullmatch(r"(faster_rcnn|mask_rcnn)_R(\d+)_FPN_(\d)x\.yaml", name).groups()
+    cfg, _ = build_config(path)
+    assert (cfg.detector, cfg.backbone, cfg.iters) == (kind, f"resnet{depth}", int(multiple) * 90000)
+    stated = re.search(r"\((\d+)k iterations, decays at (\d+)k and (\d+)k\)", text).groups()
+    assert (cfg.iters, *cfg.steps) == tuple(1000 * int(k) for k in stated)  # loaded as written, nothing rescaled
+    run = re.search(r"--nproc_per_node (\d+) tools/train_det.py --config (\S+) --pretrained resnet(\d+)-", text)
+    assert run[2] == f"configs/{name}" and run[3] == depth  # its own file, ImageNet weights of its backbone
+    assert int(run[1]) * cfg.batch_size == cfg.base_batch_size  # so the command trains at base_lr, unscaled
+    with torch.device("meta"):  # built without allocating: the spec holds only options the model takes
+        model = build_model(model_spec(cfg, num_classes=81))
+    assert model.roi_heads.has_mask() == (kind == "mask_rcnn")
 
 
 def test_shapes_recipe_loads():
