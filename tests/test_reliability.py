@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import multiprocessing
 import os
 import signal
@@ -36,11 +37,14 @@ DET_TINY = {
     "iters": 8, "checkpoint_every": 2, "eval_every": 4, "keep_last": 2,
 }
 
+# Every consumer of random numbers on: RandAugment, random erasing, mixup/cutmix, drop path; and EMA, weight decay
+# without norms and biases, gradient clipping.
 CLS_TINY = {
     **TINY_CLASSIFIER, "model_options": {**TINY_CLASSIFIER["model_options"], "drop_path_rate": 0.1}, "image_size": 32,
-    "crop_pct": 1.0, "re_prob": 0.25, "mixup": 0.2, "label_smoothing": 0.1, "ema": True, "ema_decay": 0.9,
-    "epochs": 2, "batch_size": 4, "lr": 0.01, "sched": "cosine", "warmup_epochs": 1, "device": "cpu",
-    "workers": 0, "seed": 3,
+    "crop_pct": 1.0, "auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25, "mixup": 0.2, "cutmix": 1.0,
+    "label_smoothing": 0.1, "ema": True, "ema_decay": 0.9, "weight_decay": 2.0e-5, "no_weight_decay_norm_bias": True,
+    "clip_grad_norm": 5.0, "epochs": 2, "batch_size": 4, "lr": 0.01, "sched": "cosine", "warmup_epochs": 1,
+    "device": "cpu", "workers": 0, "seed": 3,
     # 3 iterations per epoch: checkpoints at 2 (mid-epoch), 3 (epoch end), 4 (mid-epoch), 6; evaluation ends
     # each epoch, before its checkpoint
     "checkpoint_period": 2, "keep_last": 2,
@@ -107,7 +111,8 @@ def cls_reference(shapes_imagefolder, tmp_path_factory) -> Path:
     return out
 
 
-def _kill_and_resume(forkserver, kind: str, options: dict, crash_at: str, on_disk: list[str], out: Path) -> None:
+def _kill_and_resume(forkserver, kind: str, options: dict, crash_at: str, on_disk: list[str], out: Path,
+                     caplog) -> None:
     child = forkserver.Process(target=_train_until_killed, args=(kind, options, crash_at))
     child.start()
     child.join(timeout=240)
@@ -117,29 +122,33 @@ def _kill_and_resume(forkserver, kind: str, options: dict, crash_at: str, on_dis
     if crash_at.startswith("checkpoint_write"):
         assert len(temp_files) == 1  # the half-written checkpoint: only under its temp name
 
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
         warnings.simplefilter("always")
         _train(kind, options, resume=True)
+    assert f"resumed from {out / on_disk[-1]}" in caplog.text  # went on from the newest, did not start over
     # The atomic writes leave nothing half-written under a checkpoint's name to skip.
     assert not [w for w in caught if "unreadable checkpoint" in str(w.message)]
     assert not list(out.glob(".model_*")), "temp files of killed writes must be cleaned on resume"
 
 
 @pytest.mark.parametrize("crash_at", list(DET_KILLS))
-def test_det_sigkill_at_any_point_then_resume_is_exact(crash_at, forkserver, coco_shapes, det_reference, tmp_path):
+def test_det_sigkill_at_any_point_then_resume_is_exact(crash_at, forkserver, coco_shapes, det_reference, tmp_path,
+                                                       caplog):
     options = {**DET_TINY, **coco_shapes, "output_dir": str(tmp_path)}
-    _kill_and_resume(forkserver, "det", options, crash_at, DET_KILLS[crash_at], tmp_path)
+    _kill_and_resume(forkserver, "det", options, crash_at, DET_KILLS[crash_at], tmp_path, caplog)
     _assert_same_weights(det_reference / "model_final.pth", tmp_path / "model_final.pth", ("model",))
+    assert (tmp_path / "metrics.json").read_text() == (det_reference / "metrics.json").read_text()
     assert sorted(p.name for p in tmp_path.glob("model_*.pth")) == [
         "model_0000006.pth", "model_0000008.pth", "model_final.pth"]  # keep_last=2
 
 
 @pytest.mark.parametrize("crash_at", list(CLS_KILLS))
 def test_cls_sigkill_at_any_point_then_resume_is_exact(crash_at, forkserver, shapes_imagefolder, cls_reference,
-                                                       tmp_path):
+                                                       tmp_path, caplog):
     options = {**CLS_TINY, "data": str(shapes_imagefolder), "output_dir": str(tmp_path)}
-    _kill_and_resume(forkserver, "cls", options, crash_at, CLS_KILLS[crash_at], tmp_path)
+    _kill_and_resume(forkserver, "cls", options, crash_at, CLS_KILLS[crash_at], tmp_path, caplog)
     _assert_same_weights(cls_reference / "model_final.pth", tmp_path / "model_final.pth", ("model", "model_ema"))
+    assert (tmp_path / "metrics.json").read_text() == (cls_reference / "metrics.json").read_text()
     assert sorted(p.name for p in tmp_path.glob("model_*.pth")) == [
         "model_0000004.pth", "model_0000006.pth", "model_final.pth"]  # keep_last=2
 
