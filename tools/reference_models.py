@@ -137,7 +137,7 @@ def torchvision_detector(
             images (:func:`calibrate_norm_stats`), and classification logits spread with a few
             :data:`CONFIDENT_CLASSES`, so that detections pass the score threshold and float rounding cannot reorder
             near-tied proposals or detections. ``False``: torchvision's initialisation as it is.
-        frozen_bn: the fine-tuning layout (what torchvision builds with ``weights_backbone``): FrozenBatchNorm2d,
+        frozen_bn: the v1 fine-tuning layout (what torchvision builds with ``weights_backbone``): FrozenBatchNorm2d,
             stem and layer1 frozen (``trainable_layers=3``), holding the calibrated model's weights and statistics.
         seed: seeds the weights, the norms and the calibration images; the global RNG is left as it was.
         options: passed to the detector (``min_size``, ``max_size``, ``box_detections_per_img``, ...).
@@ -147,8 +147,9 @@ def torchvision_detector(
 
     if kind not in ("faster_rcnn", "mask_rcnn") or variant not in ("v1", "v2"):
         raise ValueError(f"kind must be faster_rcnn or mask_rcnn and variant v1 or v2, got {kind!r}, {variant!r}")
-    if variant == "v2" and backbone != "resnet50":
-        raise ValueError(f"torchvision's v2 detectors have a resnet50 backbone, got {backbone!r}")
+    if variant == "v2" and (backbone != "resnet50" or frozen_bn):
+        raise ValueError(f"torchvision's v2 detectors have a resnet50 backbone with BatchNorm, got {backbone!r}"
+                         + (" with frozen_bn" if frozen_bn else ""))
     cls = detection.FasterRCNN if kind == "faster_rcnn" else detection.MaskRCNN
     if frozen_bn:
         calibrated_model = torchvision_detector(kind, variant, backbone, calibrated=True, seed=seed, **options)
