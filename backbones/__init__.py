@@ -19,7 +19,7 @@ from .resnet import (
 )
 from .shape_spec import Backbone, ShapeSpec
 from .timm_backbone import TimmBackbone
-from .weights import LoadResult, load_weights, read_checkpoint
+from .weights import KeyReport, LoadResult, UnsafeCheckpointError, compare_state_dicts, load_weights, read_checkpoint
 
 __all__ = [
     "ARCH_SETTINGS",
@@ -30,6 +30,7 @@ __all__ = [
     "Bottleneck",
     "FPN",
     "FrozenBatchNorm2d",
+    "KeyReport",
     "LastLevelMaxPool",
     "LastLevelP6P7",
     "LoadResult",
@@ -37,7 +38,9 @@ __all__ = [
     "ShapeSpec",
     "TimmBackbone",
     "TopBlock",
+    "UnsafeCheckpointError",
     "bf16_supported",
+    "compare_state_dicts",
     "fold_norms_",
     "load_weights",
     "optimize_for_inference",

@@ -3,7 +3,7 @@ import logging
 import re
 from collections.abc import Mapping
 
-from backbones.weights import Checkpoint, LoadResult, read_checkpoint
+from backbones.weights import Checkpoint, LoadResult, compare_state_dicts, read_checkpoint
 from torch import Tensor, nn
 
 __all__ = ["load_weights", "CLASS_SPECIFIC_PREFIXES"]
@@ -55,18 +55,15 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint, strict: bool = True) 
     expected = model.state_dict()
     state = {_upgrade_key(key, expected): value for key, value in state.items()}
 
-    skipped = sorted(
-        key
-        for key, value in state.items()
-        if key.startswith(CLASS_SPECIFIC_PREFIXES) and key in expected and value.shape != expected[key].shape
-    )
+    report = compare_state_dicts(expected, state)
+    skipped = sorted(key for key, _, _ in report.wrong_shape if key.startswith(CLASS_SPECIFIC_PREFIXES))
     mismatched = sorted(
-        f"{key} (checkpoint {tuple(value.shape)}, model {tuple(expected[key].shape)})"
-        for key, value in state.items()
-        if key in expected and key not in skipped and value.shape != expected[key].shape
+        f"{key} (checkpoint {in_checkpoint}, model {in_model})"
+        for key, in_checkpoint, in_model in report.wrong_shape
+        if key not in skipped
     )
-    unexpected = sorted(key for key in state if key not in expected and not _is_counter(key))
-    missing = sorted(key for key in expected if key not in state and key not in skipped and not _is_counter(key))
+    unexpected = sorted(report.unexpected)
+    missing = sorted(report.missing)
     if strict and (missing or unexpected or mismatched):
         raise ValueError(
             "checkpoint does not match the model:"
@@ -84,13 +81,10 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint, strict: bool = True) 
             ", ".join(skipped),
         )
 
-    loadable = {key: value for key, value in state.items() if key in expected and value.shape == expected[key].shape}
+    wrong_shape = {key for key, _, _ in report.wrong_shape}
+    loadable = {key: value for key, value in state.items() if key in expected and key not in wrong_shape}
     model.load_state_dict(loadable, strict=False)
     return LoadResult(missing, unexpected + [entry.split(" ")[0] for entry in mismatched], skipped)
-
-
-def _is_counter(key: str) -> bool:
-    return key.endswith("num_batches_tracked")
 
 
 def _upgrade_key(key: str, expected: Mapping[str, Tensor]) -> str:

@@ -4,8 +4,14 @@ import torch
 from torchvision import tv_tensors
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from tools.engine.coco_dataset import (IMAGENET_MEAN, CocoDetection, boxes_from_masks, build_det_transforms,
-                                       collate_detection, lsj_detector_options)
+from tools.engine.coco_dataset import (
+    IMAGENET_MEAN,
+    CocoDetection,
+    boxes_from_masks,
+    build_det_transforms,
+    collate_detection,
+    lsj_detector_options,
+)
 from tools.engine.copy_paste import CopyPaste
 from tools.engine.shapes import make_shapes_coco
 

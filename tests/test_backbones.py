@@ -8,7 +8,7 @@ from torchvision.ops import DeformConv2d, FrozenBatchNorm2d
 
 import backbones as B
 from backbones.resnet import STAGE_NAMES
-from helpers import randomize_norm_stats
+from tools.reference_models import randomize_norm_stats
 
 ALL = ("c2", "c3", "c4", "c5")
 FACTORY_NAMES = sorted(B.FACTORIES)
@@ -52,11 +52,16 @@ def test_paper_widths_and_strides():
     r50 = B.resnet50(out_features=ALL).output_shape()
     assert r18 == {n: B.ShapeSpec(c, s) for n, c, s in zip(ALL, (64, 128, 256, 512), (4, 8, 16, 32))}
     assert r50 == {n: B.ShapeSpec(c, s) for n, c, s in zip(ALL, (256, 512, 1024, 2048), (4, 8, 16, 32))}
-    # Block counts of the paper's Table 1.
-    for depth, (_, counts) in B.ARCH_SETTINGS.items():
-        model = B.ResNet(depth, base_channels=8)
-        assert tuple(len(s) for s in model.stages()) == counts
-    assert B.ARCH_SETTINGS[152][1] == (3, 8, 36, 3)
+
+
+def test_depth_counts_the_weighted_layers():
+    """The paper's depth is the number of convolutions and fully connected layers on the main path (projection
+    shortcuts excluded): ResNet-50 = stem + 16 blocks x 3 + fc."""
+    for depth in (18, 34, 50, 101, 152):
+        model = _tiny(depth, num_classes=10)
+        main_path = [name for name, m in model.named_modules()
+                     if isinstance(m, (nn.Conv2d, nn.Linear)) and "downsample" not in name]
+        assert len(main_path) == depth, depth
 
 
 @pytest.mark.parametrize("name", FACTORY_NAMES)

@@ -6,6 +6,7 @@ import math
 import shutil
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,15 +14,14 @@ import torch
 from PIL import Image
 
 from tools.engine.coco_dataset import CocoDetection
-from tools.engine.shapes import make_shapes_coco
 
 LOGGER = "tools.engine.coco_dataset"
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    paths = make_shapes_coco(tmp_path_factory.mktemp("base"), num_train=6, num_val=1, image_size=(48, 64), seed=5)
-    return paths["train_images"], json.loads(paths["train_ann"].read_text())
+def base(coco_shapes):
+    """The training images' folder and the parsed annotations the cases mutate (copies of them)."""
+    return Path(coco_shapes["train_images"]), json.loads(Path(coco_shapes["train_ann"]).read_text())
 
 
 @dataclass

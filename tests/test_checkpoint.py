@@ -9,7 +9,6 @@ import random
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import backbones
 from tools.engine.checkpoint import (
@@ -20,6 +19,7 @@ from tools.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from tools.reference_models import randomize_norm_stats
 
 
 def test_save_load_round_trip_leaves_no_temp_files(tmp_path):
@@ -132,12 +132,7 @@ def test_rng_state_round_trip_through_safe_load(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_export_weights_round_trip(tmp_path, suffix):
-    torch.manual_seed(0)
-    model = backbones.resnet18(num_classes=3)
-    for m in model.modules():  # non-trivial BN statistics
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-1, 1)
-            m.running_var.uniform_(0.5, 2)
+    model = randomize_norm_stats(backbones.resnet18(num_classes=3))  # loaded and fresh norms differ
     path = export_weights(model, tmp_path / f"w{suffix}")
     loaded = load_checkpoint(path)
     assert set(loaded) == set(model.state_dict())

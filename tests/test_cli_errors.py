@@ -19,8 +19,7 @@ import torch
 import yaml
 
 from tools import eval_cls, eval_coco, infer, train_cls, train_det
-from tools.engine.shapes import make_shapes_coco, make_shapes_imagefolder
-from helpers import TINY_DETECTOR
+from tools.reference_models import TINY_CLASSIFIER, TINY_DETECTOR
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,33 +28,21 @@ DET_TINY = {
     "min_sizes": [48], "max_size": 64, "batch_size": 2, "lr": 0.01, "warmup_iters": 0, "steps": [],
     "workers": 0, "vis_images": 0, "device": "cpu", "iters": 1, "checkpoint_every": None,
 }
-CLS_TINY = {"model": "resnet18", "model_options": {"base_channels": 8}, "image_size": 32, "epochs": 1,
-            "batch_size": 2, "lr": 0.01, "device": "cpu", "workers": 0}
+CLS_TINY = {**TINY_CLASSIFIER, "image_size": 32, "epochs": 1, "batch_size": 2, "lr": 0.01, "device": "cpu",
+            "workers": 0}
 
 
 @pytest.fixture(scope="module")
-def coco(tmp_path_factory) -> dict[str, str]:
-    paths = make_shapes_coco(tmp_path_factory.mktemp("coco"), num_train=4, num_val=2, image_size=(48, 48), seed=2)
-    return {k: str(v) for k, v in paths.items()}
-
-
-@pytest.fixture(scope="module")
-def imagefolder(tmp_path_factory) -> Path:
-    return make_shapes_imagefolder(tmp_path_factory.mktemp("imgs"), num_classes=2, train_per_class=2,
-                                   val_per_class=1, image_size=32, seed=2)
-
-
-@pytest.fixture(scope="module")
-def det_yaml(coco, tmp_path_factory) -> Path:
+def det_yaml(coco_shapes, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("cfg") / "det.yaml"
-    path.write_text(yaml.safe_dump({**DET_TINY, **coco}))
+    path.write_text(yaml.safe_dump({**DET_TINY, **coco_shapes}))
     return path
 
 
 @pytest.fixture(scope="module")
-def cls_yaml(imagefolder, tmp_path_factory) -> Path:
+def cls_yaml(shapes_imagefolder, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("cfg") / "cls.yaml"
-    path.write_text(yaml.safe_dump({**CLS_TINY, "data": str(imagefolder)}))
+    path.write_text(yaml.safe_dump({**CLS_TINY, "data": str(shapes_imagefolder)}))
     return path
 
 
@@ -115,11 +102,11 @@ CHECKPOINT_TOOLS = {
 @pytest.mark.parametrize("kind", ["empty.pth", "truncated.pth", "text.pth", "random.pth", "bad_header.safetensors",
                                   "truncated.safetensors", "no_weights.pth"])
 @pytest.mark.parametrize("tool", list(CHECKPOINT_TOOLS))
-def test_corrupt_checkpoint_gives_one_line_naming_it(tool, kind, bad_checkpoints, coco, imagefolder, det_yaml,
-                                                     tmp_path, capsys):
+def test_corrupt_checkpoint_gives_one_line_naming_it(tool, kind, bad_checkpoints, coco_shapes, shapes_imagefolder,
+                                                     det_yaml, tmp_path, capsys):
     path = str(bad_checkpoints[kind])
-    data = {"coco": coco, "imagefolder": str(imagefolder), "det_yaml": str(det_yaml), "out": str(tmp_path / "out"),
-            "image": str(next(Path(coco["val_images"]).iterdir()))}
+    data = {"coco": coco_shapes, "imagefolder": str(shapes_imagefolder), "det_yaml": str(det_yaml),
+            "out": str(tmp_path / "out"), "image": str(next(Path(coco_shapes["val_images"]).iterdir()))}
     name, argv = CHECKPOINT_TOOLS[tool](path, data)
     line = _run(name, argv, capsys)
     assert path in line
@@ -138,10 +125,10 @@ def test_refusal_does_not_relay_advice_to_load_unsafely(tmp_path, capsys):
     assert "weights_only" not in line and "trust" not in line
 
 
-def test_no_traceback_reaches_stderr_of_a_real_process(bad_checkpoints, coco, tmp_path):
+def test_no_traceback_reaches_stderr_of_a_real_process(bad_checkpoints, coco_shapes, tmp_path):
     proc = subprocess.run(
         [sys.executable, "tools/eval_coco.py", "--weights", str(bad_checkpoints["random.pth"]), "--val-images",
-         coco["val_images"], "--val-ann", coco["val_ann"], "--output-dir", str(tmp_path)],
+         coco_shapes["val_images"], "--val-ann", coco_shapes["val_ann"], "--output-dir", str(tmp_path)],
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -181,19 +168,19 @@ def test_half_written_metrics_line_does_not_fail_a_finished_run(tmp_path):
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_unreadable_training_image_named_by_train_det(workers, coco, tmp_path, capsys):
-    images = Path(shutil.copytree(coco["train_images"], tmp_path / "train"))
+def test_unreadable_training_image_named_by_train_det(workers, coco_shapes, tmp_path, capsys):
+    images = Path(shutil.copytree(coco_shapes["train_images"], tmp_path / "train"))
     for path in images.iterdir():
         path.write_bytes(b"")  # every one, so that the first batch meets one
     config = tmp_path / "det.yaml"
-    config.write_text(yaml.safe_dump({**DET_TINY, **coco, "train_images": str(images), "workers": workers}))
+    config.write_text(yaml.safe_dump({**DET_TINY, **coco_shapes, "train_images": str(images), "workers": workers}))
     line = _run("train_det", ["--config", str(config), "--output-dir", str(tmp_path / "out")], capsys)
     assert "cannot read image" in line and str(images) in line
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_unreadable_training_image_named_by_train_cls(workers, imagefolder, cls_yaml, tmp_path, capsys):
-    data = Path(shutil.copytree(imagefolder, tmp_path / "data"))
+def test_unreadable_training_image_named_by_train_cls(workers, shapes_imagefolder, cls_yaml, tmp_path, capsys):
+    data = Path(shutil.copytree(shapes_imagefolder, tmp_path / "data"))
     for path in (data / "train").rglob("*.*"):
         path.write_text("not an image")
     line = _run("train_cls", ["--config", str(cls_yaml), "--data", str(data), "--workers", str(workers),
@@ -232,7 +219,7 @@ def test_float_and_32_bit_images_read_as_their_8_bit_picture(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def det_weights(coco, tmp_path_factory) -> Path:
+def det_weights(coco_shapes, tmp_path_factory) -> Path:
     """An untrained tiny detector with its model spec, as the tools write it."""
     from tools.engine.checkpoint import export_weights
     from tools.engine.config import load_config
@@ -244,10 +231,10 @@ def det_weights(coco, tmp_path_factory) -> Path:
                           metadata={"model_spec": json.dumps(spec)})
 
 
-def test_infer_never_writes_over_an_input_or_an_existing_file(coco, det_weights, tmp_path, capsys):
+def test_infer_never_writes_over_an_input_or_an_existing_file(coco_shapes, det_weights, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    source = next(Path(coco["val_images"]).iterdir())
+    source = next(Path(coco_shapes["val_images"]).iterdir())
     inside = out / "photo.png"  # an input inside --output-dir, named as its output would be
     inside.write_bytes(source.read_bytes())  # a JPEG named .png: the content decides
     elsewhere = tmp_path / "photo.jpg"  # same stem, other folder
@@ -299,7 +286,7 @@ def test_bad_config_is_one_line_naming_file_and_key(text, named, tmp_path, capsy
     ({"num_classes": -3}, "num_classes"),
     ({"extra": 1}, "'extra'"),
 ])
-def test_stored_model_spec_checked_like_a_config(change, named, det_weights, coco, tmp_path, capsys):
+def test_stored_model_spec_checked_like_a_config(change, named, det_weights, coco_shapes, tmp_path, capsys):
     from safetensors import safe_open
     from tools.engine.checkpoint import export_weights, load_checkpoint
 
@@ -308,14 +295,14 @@ def test_stored_model_spec_checked_like_a_config(change, named, det_weights, coc
     spec = {**json.loads(metadata["model_spec"]), **change}
     forged = export_weights(load_checkpoint(det_weights), tmp_path / "forged.safetensors",
                             metadata={**metadata, "model_spec": json.dumps(spec)})
-    for tool, argv in (("eval_coco", ["--val-images", coco["val_images"], "--val-ann", coco["val_ann"],
+    for tool, argv in (("eval_coco", ["--val-images", coco_shapes["val_images"], "--val-ann", coco_shapes["val_ann"],
                                       "--output-dir", str(tmp_path / "out"), "--workers", "0"]),
-                       ("infer", [coco["val_images"] + "/000000.jpg", "--output-dir", str(tmp_path / "out")])):
+                       ("infer", [coco_shapes["val_images"] + "/000000.jpg", "--output-dir", str(tmp_path / "out")])):
         line = _run(tool, ["--weights", str(forged), *argv], capsys)
         assert str(forged) in line and named in line
 
 
-def test_stored_classifier_settings_checked_like_a_config(imagefolder, tmp_path, capsys):
+def test_stored_classifier_settings_checked_like_a_config(shapes_imagefolder, tmp_path, capsys):
     from tools.engine.cls_config import build_model
 
     model = build_model("resnet18", 2, {"base_channels": 8})
@@ -326,21 +313,21 @@ def test_stored_classifier_settings_checked_like_a_config(imagefolder, tmp_path,
                           ({"model_name": "resnet18; rm"}, "unknown model")):
         path = tmp_path / "forged.pth"
         torch.save({**base, **change}, path)
-        line = _run("eval_cls", ["--weights", str(path), "--data", str(imagefolder), "--workers", "0"], capsys)
+        line = _run("eval_cls", ["--weights", str(path), "--data", str(shapes_imagefolder), "--workers", "0"], capsys)
         assert str(path) in line and named in line
 
 
 @pytest.mark.parametrize("segmentation,named", [
-    ({"size": [48, 48], "counts": [0, 2304]}, "compressed RLE"),  # was a TypeError from pycocotools
+    ({"size": [64, 64], "counts": [0, 4096]}, "compressed RLE"),  # was a TypeError from pycocotools
     ({"size": [10, 10], "counts": "PPP"}, "not a valid RLE of image id"),  # was scored as it was
     ({"size": [10**9, 10**9], "counts": "0"}, "not a valid RLE of image id"),
-    ({"size": [48, 48], "counts": "\x7f\x7f"}, "not a valid RLE of image id"),
+    ({"size": [64, 64], "counts": "\x7f\x7f"}, "not a valid RLE of image id"),
 ])
-def test_results_file_with_bad_masks_is_one_line(segmentation, named, coco, tmp_path, capsys):
-    ann = json.loads(Path(coco["val_ann"]).read_text())["annotations"][0]
+def test_results_file_with_bad_masks_is_one_line(segmentation, named, coco_shapes, tmp_path, capsys):
+    ann = json.loads(Path(coco_shapes["val_ann"]).read_text())["annotations"][0]
     results = tmp_path / "results.json"
     results.write_text(json.dumps([{"image_id": ann["image_id"], "category_id": ann["category_id"],
                                     "bbox": ann["bbox"], "score": 0.9, "segmentation": segmentation}]))
-    line = _run("eval_coco", ["--results", str(results), "--val-ann", coco["val_ann"], "--output-dir",
+    line = _run("eval_coco", ["--results", str(results), "--val-ann", coco_shapes["val_ann"], "--output-dir",
                               str(tmp_path / "out")], capsys)
     assert str(results) in line and named in line

@@ -14,22 +14,16 @@ from tools.engine.coco_results import detections_to_coco_results
 from tools.engine.det_loader import InfiniteBatches, build_det_loader
 from tools.engine.samplers import GroupedBatchSampler
 from tools.engine.samplers import ShardSampler
-from tools.engine.shapes import make_shapes_coco
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory):
-    return make_shapes_coco(tmp_path_factory.mktemp("coco"), num_train=24, num_val=4, image_size=(64, 96), seed=1)
+def raw(coco_varied):
+    return json.loads(coco_varied["train_ann"].read_text())
 
 
 @pytest.fixture(scope="module")
-def raw(paths):
-    return json.loads(paths["train_ann"].read_text())
-
-
-@pytest.fixture(scope="module")
-def dataset(paths):
-    return CocoDetection(paths["train_images"], paths["train_ann"])
+def dataset(coco_varied):
+    return CocoDetection(coco_varied["train_images"], coco_varied["train_ann"])
 
 
 def _raw_anns(raw, image_id, crowd=False):
@@ -87,20 +81,20 @@ def test_masks_match_boxes(dataset):
     assert checked > 20
 
 
-def test_empty_images_kept_or_dropped(paths, dataset):
+def test_empty_images_kept_or_dropped(coco_varied, dataset):
     empty = [i for i in range(len(dataset)) if len(dataset[i][1]["boxes"]) == 0]
     assert empty
     _, target = dataset[empty[0]]
     assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
     assert target["masks"].shape[0] == 0 and target["masks"].shape[1:] == target["boxes"].canvas_size
-    dropped = CocoDetection(paths["train_images"], paths["train_ann"], drop_empty=True)
+    dropped = CocoDetection(coco_varied["train_images"], coco_varied["train_ann"], drop_empty=True)
     assert len(dropped) == len(dataset) - len(empty)
     assert dropped.dropped["empty_image"] == len(empty)
     assert all(len(dropped[i][1]["boxes"]) > 0 for i in range(len(dropped)))
 
 
-def test_without_masks(paths):
-    ds = CocoDetection(paths["train_images"], paths["train_ann"], with_masks=False)
+def test_without_masks(coco_varied):
+    ds = CocoDetection(coco_varied["train_images"], coco_varied["train_ann"], with_masks=False)
     assert "masks" not in ds[0][1]
 
 
@@ -202,9 +196,9 @@ def _assert_same(a, b):
         assert id_a == id_b and torch.equal(img_a, img_b) and torch.equal(box_a, box_b)
 
 
-def test_resumed_batches_equal_uninterrupted_run(paths):
+def test_resumed_batches_equal_uninterrupted_run(coco_varied):
     transforms = build_det_transforms(True, min_sizes=(40, 48, 56), hflip_prob=0.5)
-    dataset = CocoDetection(paths["train_images"], paths["train_ann"], transforms, with_masks=False)
+    dataset = CocoDetection(coco_varied["train_images"], coco_varied["train_ann"], transforms, with_masks=False)
 
     def loader(seed=7, workers=0):
         return build_det_loader(dataset, 4, train=True, seed=seed, workers=workers)

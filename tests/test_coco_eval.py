@@ -15,18 +15,12 @@ from tools.engine.coco_dataset import CocoDetection
 from tools.engine.coco_results import detections_to_coco_results
 from tools.engine.coco_eval import METRIC_NAMES, evaluate_coco, write_metrics
 from tools.engine.coco_results import load_results, results_have_segm
-from tools.engine.shapes import make_shapes_coco
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory):
-    return make_shapes_coco(tmp_path_factory.mktemp("coco"), num_train=1, num_val=20, image_size=(64, 96), seed=2)
-
-
-@pytest.fixture(scope="module")
-def gt(paths):
+def gt(coco_varied):
     with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(paths["val_ann"]))
+        return COCO(str(coco_varied["val_ann"]))
 
 
 def _gt_as_results(gt):
@@ -52,10 +46,10 @@ def _direct(gt, results, iou_type):
     return list(evaluator.stats)
 
 
-def test_ground_truth_as_detections_scores_one(gt, paths, capsys):
+def test_ground_truth_as_detections_scores_one(gt, coco_varied, capsys):
     results = _gt_as_results(gt)
     before = copy.deepcopy(results)
-    metrics = evaluate_coco(paths["val_ann"], results, iou_types=("bbox", "segm"))
+    metrics = evaluate_coco(coco_varied["val_ann"], results, iou_types=("bbox", "segm"))
     assert set(metrics) == {"bbox", "segm"}
     for iou_type in ("bbox", "segm"):
         assert list(metrics[iou_type]) == list(METRIC_NAMES)
@@ -92,9 +86,9 @@ def test_perturbed_detections_match_pycocotools(gt):
     assert metrics["segm"]["AP"] < 0.95
 
 
-def test_dataset_round_trip_scores_one(paths):
+def test_dataset_round_trip_scores_one(coco_varied):
     """Targets -> torchvision-style outputs -> results with the dataset's sparse ids -> AP 1."""
-    dataset = CocoDetection(paths["val_images"], paths["val_ann"])
+    dataset = CocoDetection(coco_varied["val_images"], coco_varied["val_ann"])
     outputs, image_ids = [], []
     for index in range(len(dataset)):
         _, target = dataset[index]

@@ -16,35 +16,18 @@ from tools.engine.config import load_config
 from tools.engine.det_config import DetTrainConfig
 from tools.engine.det_model import load_detector
 from tools.engine.det_train import train
-from tools.engine.shapes import make_shapes_coco
 from tools.engine.visualize import draw_detections, save_grid
-from helpers import TINY_DETECTOR
+from tools.reference_models import TINY_DET_TRAINING
 
-TINY = {
-    **TINY_DETECTOR,
-    "min_sizes": [64],
-    "max_size": 128,
-    "batch_size": 2,
-    "lr": 0.005,  # 0.02 diverges in these 6 steps (loss 4.7 -> 14), leaving a model that may detect nothing
-    "warmup_iters": 0,
-    "steps": [1000],
-    "workers": 0,
-    "checkpoint_every": None,
-    "vis_images": 1,
-}
+# 0.02 diverges in these 6 steps (loss 4.7 -> 14), leaving a model that may detect nothing.
+TINY = {**TINY_DET_TRAINING, "lr": 0.005, "warmup_iters": 0, "vis_images": 1}
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> dict:
-    paths = make_shapes_coco(tmp_path_factory.mktemp("shapes"), num_train=6, num_val=4, image_size=(64, 64))
-    return {k: str(v) for k, v in paths.items()}
-
-
-@pytest.fixture(scope="module")
-def trained(shapes, tmp_path_factory) -> tuple[Path, dict]:
+def trained(coco_shapes, tmp_path_factory) -> tuple[Path, dict]:
     """A Mask R-CNN trained for a few iterations: a checkpoint with our metadata, and its final metrics."""
     out = tmp_path_factory.mktemp("run")
-    cfg = load_config(DetTrainConfig, None, {**TINY, **shapes, "detector": "mask_rcnn", "iters": 6,
+    cfg = load_config(DetTrainConfig, None, {**TINY, **coco_shapes, "detector": "mask_rcnn", "iters": 6,
                                              "output_dir": str(out)})
     return out, train(cfg)
 
@@ -72,13 +55,13 @@ def gt_as_results(ann_file: str) -> list[dict]:
     return results
 
 
-def test_eval_coco_results_mode_scores_ground_truth_as_perfect(shapes, tmp_path, capsys):
+def test_eval_coco_results_mode_scores_ground_truth_as_perfect(coco_shapes, tmp_path, capsys):
     results = tmp_path / "results.json"
-    results.write_text(json.dumps(gt_as_results(shapes["val_ann"])))
-    assert eval_coco.main(["--results", str(results), "--val-ann", shapes["val_ann"],
+    results.write_text(json.dumps(gt_as_results(coco_shapes["val_ann"])))
+    assert eval_coco.main(["--results", str(results), "--val-ann", coco_shapes["val_ann"],
                            "--output-dir", str(tmp_path / "out")]) == 0
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert set(metrics) == {"bbox", "segm"}
+    assert set(metrics) == {"bbox", "segm", "per_category"} and set(metrics["per_category"]) == {"bbox", "segm"}
     for iou_type in ("bbox", "segm"):
         assert set(metrics[iou_type]) == set(METRIC_NAMES)
         assert metrics[iou_type]["AP"] == pytest.approx(1.0)
@@ -86,41 +69,42 @@ def test_eval_coco_results_mode_scores_ground_truth_as_perfect(shapes, tmp_path,
     assert "Average Precision" in capsys.readouterr().out  # the standard table
 
     # boxes only: bbox alone is scored
-    boxes_only = [{k: v for k, v in r.items() if k != "segmentation"} for r in gt_as_results(shapes["val_ann"])]
+    boxes_only = [{k: v for k, v in r.items() if k != "segmentation"} for r in gt_as_results(coco_shapes["val_ann"])]
     results.write_text(json.dumps(boxes_only))
-    assert eval_coco.main(["--results", str(results), "--val-ann", shapes["val_ann"],
+    assert eval_coco.main(["--results", str(results), "--val-ann", coco_shapes["val_ann"],
                            "--output-dir", str(tmp_path / "out2")]) == 0
-    assert set(json.loads((tmp_path / "out2" / "metrics.json").read_text())) == {"bbox"}
+    assert set(json.loads((tmp_path / "out2" / "metrics.json").read_text())) == {"bbox", "per_category"}
 
 
-def test_eval_coco_rejects_missing_val_images(trained, shapes, tmp_path, capsys):
+def test_eval_coco_rejects_missing_val_images(trained, coco_shapes, tmp_path, capsys):
     out, _ = trained
-    assert eval_coco.main(["--weights", str(out / "model_final.pth"), "--val-ann", shapes["val_ann"],
+    assert eval_coco.main(["--weights", str(out / "model_final.pth"), "--val-ann", coco_shapes["val_ann"],
                            "--output-dir", str(tmp_path)]) == 2
     assert "--val-images" in capsys.readouterr().err
 
 
-def test_eval_coco_weights_mode_rebuilds_model_from_checkpoint(trained, shapes, tmp_path):
+def test_eval_coco_weights_mode_rebuilds_model_from_checkpoint(trained, coco_shapes, tmp_path):
     out, metrics = trained
-    assert eval_coco.main(["--weights", str(out / "model_final.pth"), "--val-images", shapes["val_images"],
-                           "--val-ann", shapes["val_ann"], "--output-dir", str(tmp_path), "--workers", "0"]) == 0
+    assert eval_coco.main(["--weights", str(out / "model_final.pth"), "--val-images", coco_shapes["val_images"],
+                           "--val-ann", coco_shapes["val_ann"], "--output-dir", str(tmp_path), "--workers", "0"]) == 0
     # same model (rebuilt without flags), same data: the numbers the training run reported
-    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert {k: saved[k] for k in metrics} == metrics
     assert json.loads((tmp_path / "coco_results.json").read_text()) == json.loads(
         (out / "coco_results.json").read_text())
 
 
-def test_eval_coco_bf16_stays_close_to_float32(trained, shapes, tmp_path):
+def test_eval_coco_bf16_stays_close_to_float32(trained, coco_shapes, tmp_path):
     out, metrics = trained
-    assert eval_coco.main(["--weights", str(out / "model_final.pth"), "--val-images", shapes["val_images"],
-                           "--val-ann", shapes["val_ann"], "--output-dir", str(tmp_path), "--workers", "0",
+    assert eval_coco.main(["--weights", str(out / "model_final.pth"), "--val-images", coco_shapes["val_images"],
+                           "--val-ann", coco_shapes["val_ann"], "--output-dir", str(tmp_path), "--workers", "0",
                            "--bf16"]) == 0
     bf16 = json.loads((tmp_path / "metrics.json").read_text())
     for iou_type in ("bbox", "segm"):
         assert bf16[iou_type]["AP50"] == pytest.approx(metrics[iou_type]["AP50"], abs=0.05)
 
 
-def test_infer_and_eval_pass_bf16_and_compile_to_optimize_for_inference(trained, shapes, tmp_path, monkeypatch):
+def test_infer_and_eval_pass_bf16_and_compile_to_optimize_for_inference(trained, coco_shapes, tmp_path, monkeypatch):
     import backbones
 
     calls = []
@@ -131,19 +115,20 @@ def test_infer_and_eval_pass_bf16_and_compile_to_optimize_for_inference(trained,
 
     monkeypatch.setattr(backbones, "optimize_for_inference", record)
     out, _ = trained
-    image = str(sorted(Path(shapes["val_images"]).glob("*.jpg"))[0])
+    image = str(sorted(Path(coco_shapes["val_images"]).glob("*.jpg"))[0])
     weights = str(out / "model_final.pth")
     assert infer.main([image, "--weights", weights, "--output-dir", str(tmp_path / "a")]) == 0
     assert calls == []  # default: the eval-mode model itself
     assert infer.main([image, "--weights", weights, "--output-dir", str(tmp_path / "b"), "--compile"]) == 0
-    assert eval_coco.main(["--weights", weights, "--val-images", shapes["val_images"], "--val-ann",
-                           shapes["val_ann"], "--output-dir", str(tmp_path / "c"), "--workers", "0", "--bf16"]) == 0
+    assert eval_coco.main(["--weights", weights, "--val-images", coco_shapes["val_images"], "--val-ann",
+                           coco_shapes["val_ann"], "--output-dir", str(tmp_path / "c"), "--workers", "0",
+                           "--bf16"]) == 0
     assert calls == [dict(bf16=False, compile=True), dict(bf16=True, compile=False)]
 
 
-def test_infer_writes_pictures_and_json(trained, shapes, tmp_path):
+def test_infer_writes_pictures_and_json(trained, coco_shapes, tmp_path):
     out, _ = trained
-    images = sorted(Path(shapes["val_images"]).glob("*.jpg"))[:2]
+    images = sorted(Path(coco_shapes["val_images"]).glob("*.jpg"))[:2]
     assert infer.main([*map(str, images), "--weights", str(out / "model_final.pth"), "--output-dir",
                        str(tmp_path), "--score-thresh", "0.0"]) == 0
     records = json.loads((tmp_path / "detections.json").read_text())

@@ -6,35 +6,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import TINY_DETECTOR
 from tools.engine.checkpoint import CheckpointManager, load_checkpoint, load_metadata
 from tools.engine.config import load_config
 from tools.engine.det_config import DetTrainConfig, build_config
 from tools.engine.det_train import train
-from tools.engine.shapes import make_shapes_coco
+from tools.reference_models import TINY_DET_TRAINING
 from tools.train_det import main as train_det_main
 
-TINY = {
-    **TINY_DETECTOR,
-    "min_sizes": [64],
-    "max_size": 64,
-    "batch_size": 2,
-    "lr": 0.01,
-    "warmup_iters": 2,
-    "warmup_factor": 0.1,
-    "steps": [1000],
-    "workers": 0,
-    "log_every": 1,
-    "checkpoint_every": None,
-    "vis_images": 0,
-    "device": "cpu",
-}
+TINY = {**TINY_DET_TRAINING, "max_size": 64, "lr": 0.01, "vis_images": 0, "device": "cpu"}
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> dict:
-    paths = make_shapes_coco(tmp_path_factory.mktemp("shapes"), num_train=8, num_val=4, image_size=(64, 64))
-    return {k: str(v) for k, v in paths.items()}
+def shapes(coco_shapes) -> dict:
+    return coco_shapes
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,7 @@ import yaml
 from tools.engine import cls_train, det_train, distributed
 from tools.engine.checkpoint import load_checkpoint
 from tools.engine.config import load_config
-from tools.engine.shapes import make_shapes_coco, make_shapes_imagefolder
-from helpers import TINY_DETECTOR
+from tools.reference_models import TINY_CLASSIFIER, TINY_DETECTOR
 
 pytestmark = pytest.mark.slow  # torchrun jobs: processes, process groups, restarts
 
@@ -41,11 +40,9 @@ DET_TINY = {
 
 
 @pytest.fixture(scope="module")
-def det_yaml(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("dist")
-    paths = make_shapes_coco(root / "data", num_train=4, num_val=2, image_size=(48, 48))
-    path = root / "tiny.yaml"
-    path.write_text(yaml.safe_dump({**DET_TINY, **{k: str(v) for k, v in paths.items()}}))
+def det_yaml(coco_shapes, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("dist") / "tiny.yaml"
+    path.write_text(yaml.safe_dump({**DET_TINY, **coco_shapes}))
     return path
 
 
@@ -172,13 +169,11 @@ def test_restarted_group_cannot_read_the_dead_groups_store_keys(monkeypatch):
     assert worker_store(1, 0) is None
 
 
-def test_restarted_worker_resumes_without_the_flag(tmp_path, monkeypatch, caplog):
+def test_restarted_worker_resumes_without_the_flag(shapes_imagefolder, tmp_path, monkeypatch, caplog):
     """Both tools share the rule: a torchrun-restarted worker (TORCHELASTIC_RESTART_COUNT > 0) resumes."""
-    data = make_shapes_imagefolder(tmp_path / "data", num_classes=2, train_per_class=2, val_per_class=1,
-                                   image_size=32)
     cfg = load_config(cls_train.ClsTrainConfig, None, {
-        "model": "resnet18", "model_options": {"base_channels": 8}, "data": str(data), "image_size": 32,
-        "epochs": 1, "batch_size": 2, "lr": 0.01, "device": "cpu", "workers": 0, "output_dir": str(tmp_path / "run"),
+        **TINY_CLASSIFIER, "data": str(shapes_imagefolder), "image_size": 32, "epochs": 1, "batch_size": 4,
+        "lr": 0.01, "device": "cpu", "workers": 0, "output_dir": str(tmp_path / "run"),
     })
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
@@ -187,4 +182,4 @@ def test_restarted_worker_resumes_without_the_flag(tmp_path, monkeypatch, caplog
     with caplog.at_level(logging.INFO, logger="tools.engine"):
         cls_train.train(cfg)  # no resume=True: the restart count alone makes it resume
     assert "torchrun restarted the workers" in caplog.text
-    assert "resumed from" in caplog.text and "model_0000002.pth" in caplog.text
+    assert "resumed from" in caplog.text and "model_0000003.pth" in caplog.text  # 12 images, 4 a step

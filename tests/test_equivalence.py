@@ -2,10 +2,9 @@
 import pytest
 import timm
 import torch
-import torchvision
 
 import backbones as B
-from helpers import max_rel_diff, randomize_norm_stats
+from tools.reference_models import max_rel_diff, randomize_norm_stats, torchvision_classifier
 
 # (our factory, reference builder, extra options). ResNet-101/152 run at a small input to stay cheap.
 TORCHVISION = [
@@ -28,7 +27,7 @@ def _compare(ours, ref, x, tol=1e-4):
 
 @pytest.mark.parametrize("name, options", TORCHVISION, ids=[n for n, _ in TORCHVISION])
 def test_matches_torchvision(name, options):
-    ref = randomize_norm_stats(getattr(torchvision.models, name)())
+    ref = torchvision_classifier(name)
     ours = B.FACTORIES[name](**options)
     B.load_weights(ours, ref.state_dict())
     size = (45, 53) if name in ("resnet101", "resnet152") else (97, 75)
@@ -38,7 +37,7 @@ def test_matches_torchvision(name, options):
 def test_feature_extractor_matches_torchvision_intermediate_layers():
     from torchvision.models.feature_extraction import create_feature_extractor
 
-    ref = randomize_norm_stats(torchvision.models.resnet50(replace_stride_with_dilation=[False, False, True])).eval()
+    ref = torchvision_classifier("resnet50", replace_stride_with_dilation=[False, False, True])
     extractor = create_feature_extractor(ref, {f"layer{i}": f"c{i + 1}" for i in range(1, 5)})
     ours = B.resnet50(out_features=("c2", "c3", "c4", "c5"), output_stride=16).eval()
     B.load_weights(ours, ref.state_dict())  # the classifier is dropped for a feature extractor

@@ -25,7 +25,7 @@ from tools.engine.det_loader import build_det_loader
 from tools.engine.det_model import build_model
 from tools.engine.plots import plot_pr_curves
 from tools.engine.shapes import make_shapes_coco
-from helpers import TINY_DETECTOR
+from tools.reference_models import TINY_DETECTOR
 
 NAMES = {1: "circle", 3: "rectangle", 7: "triangle", 9: "hexagon"}  # hexagon: added below, without ground truth
 # matplotlib's first colours (the averaged curves at IoU 0.50, 0.75 and 0.50:0.95), as RGB

@@ -6,7 +6,7 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.ops import MultiScaleRoIAlign
 
 import backbones as B
-from helpers import randomize_norm_stats
+from tools.reference_models import randomize_norm_stats
 
 ALL = ("c2", "c3", "c4", "c5")
 

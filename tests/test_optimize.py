@@ -3,13 +3,13 @@ import copy
 
 import pytest
 import torch
-from helpers import max_rel_diff, randomize_norm_stats
 from timm.layers import BatchNormAct2d
 from torch import nn
 
 import backbones
 from backbones import FPN, FrozenBatchNorm2d, ResNet, TimmBackbone
 from backbones.optimize import BF16_TOLERANCE, bf16_supported, fold_norms_, optimize_for_inference
+from tools.reference_models import max_rel_diff, randomize_norm_stats
 
 FEATURES = ("c2", "c3", "c4", "c5")
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)

@@ -25,7 +25,7 @@ from heads.postprocess import (
     grouped_nms,
     paste_masks_in_image,
 )
-from helpers import TINY_DETECTOR, randomize_norm_stats
+from tools.reference_models import TINY_DETECTOR, randomize_norm_stats
 
 IMAGE_SHAPES = [(200, 300), (260, 180), (150, 240)]  # (height, width): every image its own size
 NMS_PATHS = ("per_group", "single_call")

@@ -10,18 +10,15 @@ import torch
 from tools import train_cls, train_det
 from tools.engine import det_train
 from tools.engine.checkpoint import load_checkpoint
-from tools.engine.shapes import make_shapes_coco, make_shapes_imagefolder
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_classifier_weights_start_the_detector_backbone(tmp_path, monkeypatch):
+def test_classifier_weights_start_the_detector_backbone(shapes_imagefolder, coco_shapes, tmp_path, monkeypatch):
     # 1. A tiny classification run with the embedded recipe (its backbone width is the detection recipe's).
-    cls_data = make_shapes_imagefolder(tmp_path / "cls_data", num_classes=2, train_per_class=4, val_per_class=2,
-                                       image_size=32, seed=2)
     cls_out = tmp_path / "cls"
     assert train_cls.main([
-        "--model", "resnet18", "--config", str(REPO / "configs/cls/shapes.yaml"), "--data", str(cls_data),
+        "--model", "resnet18", "--config", str(REPO / "configs/cls/shapes.yaml"), "--data", str(shapes_imagefolder),
         "--epochs", "1", "--batch-size", "4", "--image-size", "32", "--workers", "0", "--device", "cpu",
         "--output-dir", str(cls_out),
     ]) == 0
@@ -42,13 +39,12 @@ def test_classifier_weights_start_the_detector_backbone(tmp_path, monkeypatch):
         started.append({k: v.detach().clone() for k, v in model.backbone.body.state_dict().items()})
 
     monkeypatch.setattr(det_train, "load_start_weights", recording_load)
-    coco = make_shapes_coco(tmp_path / "coco", num_train=4, num_val=2, image_size=(64, 64), seed=3)
     det_out = tmp_path / "det"
     assert train_det.main([
         "--config", str(REPO / "configs/shapes.yaml"), "--backbone", "resnet18",
         "--pretrained", str(cls_out / "model_final.pth"),
-        "--train-images", str(coco["train_images"]), "--train-ann", str(coco["train_ann"]),
-        "--val-images", str(coco["val_images"]), "--val-ann", str(coco["val_ann"]),
+        "--train-images", coco_shapes["train_images"], "--train-ann", coco_shapes["train_ann"],
+        "--val-images", coco_shapes["val_images"], "--val-ann", coco_shapes["val_ann"],
         "--iters", "2", "--batch-size", "2", "--min-size", "64", "--max-size", "64", "--workers", "0",
         "--device", "cpu", "--output-dir", str(det_out),
     ]) == 0

@@ -6,10 +6,8 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
 from tools.engine import cls_train, det_train
@@ -19,6 +17,7 @@ from tools.engine.config import ema_decay_for_run, load_config, rescale_schedule
 from tools.engine.plots import read_metrics
 from tools.engine.recovery import DivergenceGuard
 from tools.engine.shapes import make_shapes_coco
+from tools.reference_models import TINY_CLASSIFIER, TINY_DET_TRAINING
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -75,17 +74,9 @@ def test_guard_rejects_bad_settings(kwargs):
 # ----------------------------------------------------------------------------- detection trainer
 
 
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> dict:
-    paths = make_shapes_coco(tmp_path_factory.mktemp("shapes"), num_train=8, num_val=4, image_size=(64, 64))
-    return {k: str(v) for k, v in paths.items()}
-
-
-def _tiny_det(shapes: dict, out: Path, **overrides) -> det_train.DetTrainConfig:
-    from test_train_det import TINY  # the one tiny detector recipe of the detection tests
-
-    return load_config(det_train.DetTrainConfig, None, {**TINY, **shapes, "output_dir": str(out), "device": "cpu",
-                                                        "workers": 0, **overrides})
+def _tiny_det(data: dict, out: Path, **overrides) -> det_train.DetTrainConfig:
+    return load_config(det_train.DetTrainConfig, None, {**TINY_DET_TRAINING, **data, "output_dir": str(out),
+                                                        "device": "cpu", **overrides})
 
 
 def _spiking_build(monkeypatch, spike_at: set[int], factor: float) -> None:
@@ -110,9 +101,9 @@ def _spiking_build(monkeypatch, spike_at: set[int], factor: float) -> None:
     monkeypatch.setattr(det_train, "build_model", build)
 
 
-def test_det_spike_rolls_back_halves_lr_and_finishes(shapes, tmp_path, monkeypatch, caplog):
+def test_det_spike_rolls_back_halves_lr_and_finishes(coco_shapes, tmp_path, monkeypatch, caplog):
     _spiking_build(monkeypatch, {15}, float("nan"))
-    cfg = _tiny_det(shapes, tmp_path, iters=20, checkpoint_every=10, eval_every=None, warmup_iters=0)
+    cfg = _tiny_det(coco_shapes, tmp_path, iters=20, checkpoint_every=10, eval_every=None, warmup_iters=0)
     with caplog.at_level(logging.WARNING, logger="tools.engine.recovery"):
         det_train.train(cfg)
     lines = [r.getMessage() for r in caplog.records if "recovery 1 of 3" in r.getMessage()]
@@ -126,9 +117,9 @@ def test_det_spike_rolls_back_halves_lr_and_finishes(shapes, tmp_path, monkeypat
     assert (tmp_path / "model_final.pth").is_file()
 
 
-def test_det_gives_up_after_three_recoveries_keeping_checkpoints(shapes, tmp_path, monkeypatch):
+def test_det_gives_up_after_three_recoveries_keeping_checkpoints(coco_shapes, tmp_path, monkeypatch):
     _spiking_build(monkeypatch, {0}, float("nan"))  # every training forward after the 4th is NaN
-    cfg = _tiny_det(shapes, tmp_path, iters=10, checkpoint_every=2, eval_every=None)
+    cfg = _tiny_det(coco_shapes, tmp_path, iters=10, checkpoint_every=2, eval_every=None)
     with pytest.raises(FloatingPointError, match=r"non-finite at iteration 7: .*loss_box_reg=nan.*after 3 recoveries"):
         det_train.train(cfg)
     assert not (tmp_path / "model_final.pth").exists()
@@ -136,29 +127,15 @@ def test_det_gives_up_after_three_recoveries_keeping_checkpoints(shapes, tmp_pat
     assert newest["iteration"] == 6 and newest["divergence_guard"]["recoveries"] == 2  # recoveries at 4 and 5
 
 
-def test_det_max_recoveries_zero_stops_at_the_first_divergence(shapes, tmp_path, monkeypatch):
+def test_det_max_recoveries_zero_stops_at_the_first_divergence(coco_shapes, tmp_path, monkeypatch):
     _spiking_build(monkeypatch, {0}, float("nan"))
-    cfg = _tiny_det(shapes, tmp_path, iters=10, checkpoint_every=2, eval_every=None, max_recoveries=0)
+    cfg = _tiny_det(coco_shapes, tmp_path, iters=10, checkpoint_every=2, eval_every=None, max_recoveries=0)
     with pytest.raises(FloatingPointError, match=r"iteration 4: .*loss_box_reg=nan.*; stopped\. Lower"):
         det_train.train(cfg)
     assert sorted(p.name for p in tmp_path.glob("model_*.pth")) == ["model_0000002.pth", "model_0000004.pth"]
 
 
 # ----------------------------------------------------------------------------- classification trainer
-
-
-@pytest.fixture(scope="module")
-def tint(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tint")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("val", 4)):
-        for cls, channel in (("blue", 2), ("red", 0)):
-            (root / split / cls).mkdir(parents=True)
-            for i in range(n):
-                img = rng.integers(0, 120, size=(16, 16, 3), dtype=np.uint8)
-                img[..., channel] = 200
-                Image.fromarray(img).save(root / split / cls / f"{i}.png")
-    return root
 
 
 class _Killed(Exception):
@@ -182,38 +159,38 @@ class _Criterion(nn.Module):
 
 def _cls_cfg(data: Path, out: Path) -> cls_train.ClsTrainConfig:
     return load_config(cls_train.ClsTrainConfig, None, {
-        "model": "resnet18", "model_options": {"base_channels": 8}, "data": str(data), "image_size": 16,
+        **TINY_CLASSIFIER, "data": str(data), "image_size": 16,
         "epochs": 3, "batch_size": 4, "lr": 0.01, "device": "cpu", "workers": 0, "output_dir": str(out),
         "crop_scale": [0.5, 1.0]})
 
 
-def test_cls_recovery_composes_with_kill_and_resume(tint, tmp_path, caplog):
+def test_cls_recovery_composes_with_kill_and_resume(colour_imagefolder, tmp_path, caplog):
     """NaN at the 6th step (epoch 2 of 3, 4 steps an epoch) is rolled back; a run killed in epoch 3 and resumed
     goes on at the lowered lr and ends identical to one that was not killed."""
     with caplog.at_level(logging.WARNING, logger="tools.engine.recovery"):
-        cls_train.train(_cls_cfg(tint, tmp_path / "a"), criterion=_Criterion(spike=6))
+        cls_train.train(_cls_cfg(colour_imagefolder, tmp_path / "a"), criterion=_Criterion(spike=6))
     assert "non-finite at iteration 5: loss=nan; restored the state of iteration 4" in caplog.text
     whole = load_checkpoint(tmp_path / "a" / "model_final.pth")
 
     with pytest.raises(_Killed):
-        cls_train.train(_cls_cfg(tint, tmp_path / "b"), criterion=_Criterion(spike=6, kill=10))
+        cls_train.train(_cls_cfg(colour_imagefolder, tmp_path / "b"), criterion=_Criterion(spike=6, kill=10))
     resume_point = load_checkpoint(CheckpointManager(tmp_path / "b").latest())
     assert resume_point["iteration"] == 8
     assert resume_point["divergence_guard"]["recoveries"] == 1 and resume_point["divergence_guard"]["lr_scale"] == 0.5
-    cls_train.train(_cls_cfg(tint, tmp_path / "b"), resume=True, criterion=_Criterion())
+    cls_train.train(_cls_cfg(colour_imagefolder, tmp_path / "b"), resume=True, criterion=_Criterion())
     resumed = load_checkpoint(tmp_path / "b" / "model_final.pth")
     for key, value in whole["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
 
 
-def test_resume_skips_a_checkpoint_that_does_not_fit_the_model(tint, tmp_path):
-    cls_train.train(_cls_cfg(tint, tmp_path))  # checkpoints at iterations 4, 8, 12
+def test_resume_skips_a_checkpoint_that_does_not_fit_the_model(colour_imagefolder, tmp_path):
+    cls_train.train(_cls_cfg(colour_imagefolder, tmp_path))  # checkpoints at iterations 4, 8, 12
     newest = tmp_path / "model_0000012.pth"
     state = load_checkpoint(newest)
     state["model"]["fc.weight"] = torch.zeros(3, state["model"]["fc.weight"].shape[1])  # another recipe's classifier
     torch.save(state, newest)
     with pytest.warns(RuntimeWarning, match=r"skipping checkpoint .*model_0000012.pth: it does not fit this run"):
-        cls_train.train(_cls_cfg(tint, tmp_path), resume=True)  # goes on from iteration 8 instead
+        cls_train.train(_cls_cfg(colour_imagefolder, tmp_path), resume=True)  # goes on from iteration 8 instead
     assert load_checkpoint(tmp_path / "model_0000012.pth")["model"]["fc.weight"].shape[0] == 2  # rewritten by the run
 
 
@@ -264,19 +241,19 @@ def test_det_recipe_from_the_data(tmp_path):
         det_data_stats(ann)
 
 
-def test_det_run_from_args_applies_the_recipe_under_given_flags(shapes, tmp_path, monkeypatch, caplog):
+def test_det_run_from_args_applies_the_recipe_under_given_flags(coco_shapes, tmp_path, monkeypatch, caplog):
     seen = {}
     monkeypatch.setattr(det_train, "train", lambda cfg, **kwargs: seen.setdefault("cfg", cfg) and {})
     with caplog.at_level(logging.INFO, logger="tools.engine"):
-        det_train.run_from_args(None, {**shapes, "batch_size": 2, "min_sizes": [96], "output_dir": str(tmp_path)})
+        det_train.run_from_args(None, {**coco_shapes, "batch_size": 2, "min_sizes": [96], "output_dir": str(tmp_path)})
     cfg = seen["cfg"]
     assert cfg.iters == 1000 and cfg.warmup_iters == 100 and cfg.min_sizes == (96,)  # the flag wins
     assert cfg.detector_options == {"box_batch_size_per_image": 128}
     assert "recipe from the data" in caplog.text and "image sizes" not in caplog.text  # the flag's value is kept
 
 
-def test_cls_recipe_from_the_data(tint):
-    stats = cls_data_stats(tint / "train")
+def test_cls_recipe_from_the_data(colour_imagefolder):
+    stats = cls_data_stats(colour_imagefolder / "train")
     assert stats == ClsDataStats(num_images=16, num_classes=2, median_short_side=16)
     path, values, reasons = cls_recipe(stats)
     assert path.name == "small_set.yaml" and values["image_size"] == 32 and set(reasons) >= set(values)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import multiprocessing
 import os
 import signal
@@ -26,8 +27,7 @@ from tools.engine import cls_train, det_train
 from tools.engine.checkpoint import CheckpointManager, export_weights, load_checkpoint
 from tools.engine.config import load_config
 from tools.engine.faults import CRASH_ENV, crash_point
-from tools.engine.shapes import make_shapes_coco, make_shapes_imagefolder
-from helpers import TINY_DETECTOR
+from tools.reference_models import TINY_CLASSIFIER, TINY_DETECTOR, randomize_norm_stats
 
 DET_TINY = {
     **TINY_DETECTOR,
@@ -37,11 +37,14 @@ DET_TINY = {
     "iters": 8, "checkpoint_every": 2, "eval_every": 4, "keep_last": 2,
 }
 
+# Every consumer of random numbers on: RandAugment, random erasing, mixup/cutmix, drop path; and EMA, weight decay
+# without norms and biases, gradient clipping.
 CLS_TINY = {
-    "model": "resnet18", "model_options": {"base_channels": 8, "drop_path_rate": 0.1}, "image_size": 32,
-    "crop_pct": 1.0, "re_prob": 0.25, "mixup": 0.2, "label_smoothing": 0.1, "ema": True, "ema_decay": 0.9,
-    "epochs": 2, "batch_size": 4, "lr": 0.01, "sched": "cosine", "warmup_epochs": 1, "device": "cpu",
-    "workers": 0, "seed": 3,
+    **TINY_CLASSIFIER, "model_options": {**TINY_CLASSIFIER["model_options"], "drop_path_rate": 0.1}, "image_size": 32,
+    "crop_pct": 1.0, "auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25, "mixup": 0.2, "cutmix": 1.0,
+    "label_smoothing": 0.1, "ema": True, "ema_decay": 0.9, "weight_decay": 2.0e-5, "no_weight_decay_norm_bias": True,
+    "clip_grad_norm": 5.0, "epochs": 2, "batch_size": 4, "lr": 0.01, "sched": "cosine", "warmup_epochs": 1,
+    "device": "cpu", "workers": 0, "seed": 3,
     # 3 iterations per epoch: checkpoints at 2 (mid-epoch), 3 (epoch end), 4 (mid-epoch), 6; evaluation ends
     # each epoch, before its checkpoint
     "checkpoint_period": 2, "keep_last": 2,
@@ -70,18 +73,6 @@ def forkserver():
     return ctx
 
 
-@pytest.fixture(scope="module")
-def coco(tmp_path_factory) -> dict:
-    paths = make_shapes_coco(tmp_path_factory.mktemp("coco"), num_train=6, num_val=2, image_size=(48, 48))
-    return {k: str(v) for k, v in paths.items()}
-
-
-@pytest.fixture(scope="module")
-def imagefolder(tmp_path_factory) -> Path:
-    return make_shapes_imagefolder(tmp_path_factory.mktemp("imgs"), num_classes=2, train_per_class=6,
-                                   val_per_class=2, image_size=32, seed=1)
-
-
 def _train(kind: str, options: dict, resume: bool = False) -> None:
     if kind == "det":
         det_train.train(load_config(det_train.DetTrainConfig, None, options), resume=resume)
@@ -105,22 +96,23 @@ def _assert_same_weights(a: Path, b: Path, keys: tuple[str, ...]) -> None:
 
 
 @pytest.fixture(scope="module")
-def det_reference(coco, tmp_path_factory) -> Path:
+def det_reference(coco_shapes, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("det_ref")
     torch.set_num_threads(1)
-    _train("det", {**DET_TINY, **coco, "output_dir": str(out)})
+    _train("det", {**DET_TINY, **coco_shapes, "output_dir": str(out)})
     return out
 
 
 @pytest.fixture(scope="module")
-def cls_reference(imagefolder, tmp_path_factory) -> Path:
+def cls_reference(shapes_imagefolder, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cls_ref")
     torch.set_num_threads(1)
-    _train("cls", {**CLS_TINY, "data": str(imagefolder), "output_dir": str(out)})
+    _train("cls", {**CLS_TINY, "data": str(shapes_imagefolder), "output_dir": str(out)})
     return out
 
 
-def _kill_and_resume(forkserver, kind: str, options: dict, crash_at: str, on_disk: list[str], out: Path) -> None:
+def _kill_and_resume(forkserver, kind: str, options: dict, crash_at: str, on_disk: list[str], out: Path,
+                     caplog) -> None:
     child = forkserver.Process(target=_train_until_killed, args=(kind, options, crash_at))
     child.start()
     child.join(timeout=240)
@@ -130,28 +122,33 @@ def _kill_and_resume(forkserver, kind: str, options: dict, crash_at: str, on_dis
     if crash_at.startswith("checkpoint_write"):
         assert len(temp_files) == 1  # the half-written checkpoint: only under its temp name
 
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
         warnings.simplefilter("always")
         _train(kind, options, resume=True)
+    assert f"resumed from {out / on_disk[-1]}" in caplog.text  # went on from the newest, did not start over
     # The atomic writes leave nothing half-written under a checkpoint's name to skip.
     assert not [w for w in caught if "unreadable checkpoint" in str(w.message)]
     assert not list(out.glob(".model_*")), "temp files of killed writes must be cleaned on resume"
 
 
 @pytest.mark.parametrize("crash_at", list(DET_KILLS))
-def test_det_sigkill_at_any_point_then_resume_is_exact(crash_at, forkserver, coco, det_reference, tmp_path):
-    options = {**DET_TINY, **coco, "output_dir": str(tmp_path)}
-    _kill_and_resume(forkserver, "det", options, crash_at, DET_KILLS[crash_at], tmp_path)
+def test_det_sigkill_at_any_point_then_resume_is_exact(crash_at, forkserver, coco_shapes, det_reference, tmp_path,
+                                                       caplog):
+    options = {**DET_TINY, **coco_shapes, "output_dir": str(tmp_path)}
+    _kill_and_resume(forkserver, "det", options, crash_at, DET_KILLS[crash_at], tmp_path, caplog)
     _assert_same_weights(det_reference / "model_final.pth", tmp_path / "model_final.pth", ("model",))
+    assert (tmp_path / "metrics.json").read_text() == (det_reference / "metrics.json").read_text()
     assert sorted(p.name for p in tmp_path.glob("model_*.pth")) == [
         "model_0000006.pth", "model_0000008.pth", "model_final.pth"]  # keep_last=2
 
 
 @pytest.mark.parametrize("crash_at", list(CLS_KILLS))
-def test_cls_sigkill_at_any_point_then_resume_is_exact(crash_at, forkserver, imagefolder, cls_reference, tmp_path):
-    options = {**CLS_TINY, "data": str(imagefolder), "output_dir": str(tmp_path)}
-    _kill_and_resume(forkserver, "cls", options, crash_at, CLS_KILLS[crash_at], tmp_path)
+def test_cls_sigkill_at_any_point_then_resume_is_exact(crash_at, forkserver, shapes_imagefolder, cls_reference,
+                                                       tmp_path, caplog):
+    options = {**CLS_TINY, "data": str(shapes_imagefolder), "output_dir": str(tmp_path)}
+    _kill_and_resume(forkserver, "cls", options, crash_at, CLS_KILLS[crash_at], tmp_path, caplog)
     _assert_same_weights(cls_reference / "model_final.pth", tmp_path / "model_final.pth", ("model", "model_ema"))
+    assert (tmp_path / "metrics.json").read_text() == (cls_reference / "metrics.json").read_text()
     assert sorted(p.name for p in tmp_path.glob("model_*.pth")) == [
         "model_0000004.pth", "model_0000006.pth", "model_final.pth"]  # keep_last=2
 
@@ -205,8 +202,8 @@ def _amp_config(data: Path, out: Path) -> cls_train.ClsTrainConfig:
     })
 
 
-def test_amp_overflow_is_skipped_by_the_scaler_not_reported_as_divergence(imagefolder, tmp_path):
-    cls_train.train(_amp_config(imagefolder, tmp_path / "overflow"), criterion=_FaultAt(2, "inf_gradient"))
+def test_amp_overflow_is_skipped_by_the_scaler_not_reported_as_divergence(shapes_imagefolder, tmp_path):
+    cls_train.train(_amp_config(shapes_imagefolder, tmp_path / "overflow"), criterion=_FaultAt(2, "inf_gradient"))
     final = load_checkpoint(tmp_path / "overflow" / "model_final.pth")  # training went on to the end
     # The inf-gradient step was skipped, not applied: an applied one would have left inf/NaN weights.
     assert all(torch.isfinite(v).all() for v in final["model"].values() if v.is_floating_point())
@@ -215,7 +212,7 @@ def test_amp_overflow_is_skipped_by_the_scaler_not_reported_as_divergence(imagef
     assert last["divergence_guard"]["recoveries"] == 0  # and no roll-back happened
 
     # A non-finite loss is still a divergence (rolled back, then stopped; max_recoveries 0 stops at once).
-    nan_config = dataclasses.replace(_amp_config(imagefolder, tmp_path / "nan"), max_recoveries=0)
+    nan_config = dataclasses.replace(_amp_config(shapes_imagefolder, tmp_path / "nan"), max_recoveries=0)
     with pytest.raises(FloatingPointError, match=r"iteration 1: loss=nan"):
         cls_train.train(nan_config, criterion=_FaultAt(2, "nan_loss"))
 
@@ -234,24 +231,26 @@ class _Payload:
 
 
 @pytest.fixture
-def det_yaml(coco, tmp_path) -> Path:
+def det_yaml(coco_shapes, tmp_path) -> Path:
     path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump({**DET_TINY, **coco, "iters": 1, "checkpoint_every": None, "eval_every": None}))
+    path.write_text(yaml.safe_dump({**DET_TINY, **coco_shapes, "iters": 1, "checkpoint_every": None,
+                                    "eval_every": None}))
     return path
 
 
 @pytest.mark.parametrize("tool", ["eval_cls", "eval_coco", "infer", "train_det --weights", "train_det --pretrained"])
-def test_every_tool_refuses_a_malicious_checkpoint_without_running_it(tool, coco, imagefolder, det_yaml, tmp_path,
-                                                                      capsys):
+def test_every_tool_refuses_a_malicious_checkpoint_without_running_it(tool, coco_shapes, shapes_imagefolder, det_yaml,
+                                                                      tmp_path, capsys):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
     torch.save({"model": {"conv1.weight": torch.zeros(1)}, "x": _Payload(str(marker))}, evil)
     out = str(tmp_path / "out")
     argv = {
-        "eval_cls": lambda: eval_cls.main(["--weights", str(evil), "--data", str(imagefolder), "--workers", "0"]),
-        "eval_coco": lambda: eval_coco.main(["--weights", str(evil), "--val-images", coco["val_images"],
-                                             "--val-ann", coco["val_ann"], "--output-dir", out]),
-        "infer": lambda: infer.main([str(next(Path(coco["val_images"]).iterdir())), "--weights", str(evil),
+        "eval_cls": lambda: eval_cls.main(["--weights", str(evil), "--data", str(shapes_imagefolder),
+                                           "--workers", "0"]),
+        "eval_coco": lambda: eval_coco.main(["--weights", str(evil), "--val-images", coco_shapes["val_images"],
+                                             "--val-ann", coco_shapes["val_ann"], "--output-dir", out]),
+        "infer": lambda: infer.main([str(next(Path(coco_shapes["val_images"]).iterdir())), "--weights", str(evil),
                                      "--output-dir", out]),
         "train_det --weights": lambda: train_det.main(["--config", str(det_yaml), "--weights", str(evil),
                                                        "--output-dir", out]),
@@ -283,25 +282,15 @@ def _det_spec(**overrides) -> dict:
     return det_train.model_spec(cfg, num_classes=4)
 
 
-@torch.no_grad()
-def _random_stats(model: nn.Module) -> nn.Module:
-    """Non-default norm statistics, so loaded and freshly built norms differ."""
-    g = torch.Generator().manual_seed(5)
-    for name, buffer in model.named_buffers():
-        if name.endswith(("running_mean", "running_var")):
-            buffer.copy_(torch.rand(buffer.shape, generator=g) + 0.5)
-    return model
-
-
 @pytest.mark.parametrize("flag", ["--weights", "--pretrained"])
-def test_train_det_reads_and_writes_safetensors(flag, coco, det_yaml, tmp_path):
+def test_train_det_reads_and_writes_safetensors(flag, coco_shapes, det_yaml, tmp_path):
     start = tmp_path / "start.safetensors"
     if flag == "--weights":
-        source = _random_stats(det_train.build_model(_det_spec(weights="x")))
+        source = randomize_norm_stats(det_train.build_model(_det_spec(weights="x")), seed=5)
         export_weights(source, start)
         expected = source.state_dict()
     else:
-        source = _random_stats(backbones.resnet18(num_classes=3, base_channels=8))
+        source = randomize_norm_stats(backbones.resnet18(num_classes=3, base_channels=8), seed=5)
         export_weights(source, start)
         expected = {f"backbone.body.{k}": v for k, v in source.state_dict().items()
                     if not k.endswith("num_batches_tracked")}  # FrozenBN has no counter
@@ -319,15 +308,16 @@ def test_train_det_reads_and_writes_safetensors(flag, coco, det_yaml, tmp_path):
     written = out / "model_final.safetensors"
     assert load_checkpoint(written).keys() == final.keys()
     if flag == "--weights":
-        assert eval_coco.main(["--weights", str(written), "--val-images", coco["val_images"], "--val-ann",
-                               coco["val_ann"], "--output-dir", str(tmp_path / "eval"), "--workers", "0"]) == 0
+        assert eval_coco.main(["--weights", str(written), "--val-images", coco_shapes["val_images"], "--val-ann",
+                               coco_shapes["val_ann"], "--output-dir", str(tmp_path / "eval"), "--workers", "0"]) == 0
         assert (tmp_path / "eval" / "metrics.json").read_text() == (out / "metrics.json").read_text()
 
 
-def test_eval_cls_reads_the_safetensors_train_cls_wrote(cls_reference, imagefolder, tmp_path):
+def test_eval_cls_reads_the_safetensors_train_cls_wrote(cls_reference, shapes_imagefolder, tmp_path):
     out = tmp_path / "eval.json"
-    assert eval_cls.main(["--weights", str(cls_reference / "model_final.safetensors"), "--data", str(imagefolder),
-                          "--workers", "0", "--device", "cpu", "--output", str(out)]) == 0  # no --model needed
+    assert eval_cls.main(["--weights", str(cls_reference / "model_final.safetensors"),
+                          "--data", str(shapes_imagefolder), "--workers", "0", "--device", "cpu",
+                          "--output", str(out)]) == 0  # no --model needed
     expected = json.loads((cls_reference / "metrics.json").read_text())
     assert json.loads(out.read_text()) == pytest.approx({k: expected[k] for k in ("top1", "top5")})
 
@@ -335,12 +325,12 @@ def test_eval_cls_reads_the_safetensors_train_cls_wrote(cls_reference, imagefold
 # ----------------------------------------------------------------------------- dataset paths
 
 
-def test_annotation_file_names_cannot_leave_the_images_folder(coco, det_yaml, tmp_path, capsys):
+def test_annotation_file_names_cannot_leave_the_images_folder(coco_shapes, det_yaml, tmp_path, capsys):
     images_dir = tmp_path / "images"
     images_dir.mkdir()
-    data = json.loads(Path(coco["val_ann"]).read_text())
+    data = json.loads(Path(coco_shapes["val_ann"]).read_text())
     for img in data["images"]:  # real images, reached through ".."
-        img["file_name"] = os.path.relpath(Path(coco["val_images"]) / img["file_name"], images_dir)
+        img["file_name"] = os.path.relpath(Path(coco_shapes["val_images"]) / img["file_name"], images_dir)
         assert img["file_name"].startswith("..")
     escaping = tmp_path / "escaping.json"
     escaping.write_text(json.dumps(data))

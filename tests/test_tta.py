@@ -20,7 +20,7 @@ from tools.engine.det_model import build_model
 from tools.engine.det_train import train
 from tools.engine.det_tta import Augmentation, DetectorWithTTA, TTASettings, hflip_boxes
 from tools.engine.shapes import make_shapes_coco
-from helpers import TINY_DETECTOR
+from tools.reference_models import TINY_DETECTOR
 
 # Test size 48 (cap 64); detections even from an untrained model (TINY_DETECTOR's score threshold is 0), 8 per
 # image: the mask head (256 channels whatever the backbone's width) dominates the time.

@@ -8,7 +8,7 @@ import torchvision
 from safetensors.torch import save_file
 
 import backbones as B
-from helpers import randomize_norm_stats
+from tools.reference_models import randomize_norm_stats
 
 
 @pytest.fixture(scope="module")

@@ -38,8 +38,12 @@ import torchvision
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+if __package__ in (None, ""):  # a script in the clone: only backbones and heads are installed, tools is not
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import backbones
 from backbones.optimize import optimize_for_inference
+from tools.reference_models import max_rel_diff, torchvision_classifier, torchvision_detector
 
 try:
     import heads
@@ -149,10 +153,7 @@ def _classifier_step(model: nn.Module, train: bool, settings: Settings) -> Calla
 
 
 def _torchvision_classifier(depth: int) -> nn.Module:
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, f"resnet{depth}")()
-    _randomise_norms(model)
-    return model
+    return torchvision_classifier(f"resnet{depth}")
 
 
 def _classifier_sides(depth: int, train: bool, optimize: Optional[dict[str, bool]] = None) -> "OrderedDict[str, Builder]":
@@ -187,31 +188,15 @@ def _classifier_sides(depth: int, train: bool, optimize: Optional[dict[str, bool
 
 
 @torch.no_grad()
-def _randomise_norms(model: nn.Module, seed: int = 0) -> None:
-    """Non-trivial BatchNorm statistics (close to a trained network's), so folding errors would show."""
-    g = _generator(seed)
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm2d, backbones.FrozenBatchNorm2d)):
-            c = m.running_mean.numel()
-            m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(c, generator=g) * 0.5 + 0.75)
-            m.weight.copy_(torch.rand(c, generator=g) * 0.4 + 0.2)
-            m.bias.copy_(torch.randn(c, generator=g) * 0.1)
-
-
-@torch.no_grad()
 def _logits_agree(runners: dict[str, Runner], settings: Settings) -> str:
     """Max difference of each reference's logits from resdet's, relative to their scale."""
     outputs = {name: r.step().float() for name, r in runners.items()}
     ours = outputs.pop("resdet")
-    diffs = [((out - ours).abs().max() / out.abs().max()).item() for out in outputs.values()]
+    diffs = [max_rel_diff(out, ours) for out in outputs.values()]
     return f"logits max rel diff {max(diffs):.1e}"
 
 
 # -- detectors -------------------------------------------------------------------------------------------------
-_CONFIDENT_CLASSES = [1, 3, 18]
-
-
 def _detector_sizes(kind: str, train: bool, r18: bool, settings: Settings) -> tuple[int, int, int]:
     """(images per step, height, width), the spec's sizes (smaller with --quick)."""
     if r18:
@@ -224,47 +209,17 @@ def _detector_sizes(kind: str, train: bool, r18: bool, settings: Settings) -> tu
 def _torchvision_detector(
     kind: str, height: int, width: int, r18: bool, calibrate: bool, finetune: bool = False
 ) -> nn.Module:
-    """torchvision's R50-FPN (or R18-FPN) detector, deterministic, with confident classes so detections exist.
+    """torchvision's R50-FPN (or R18-FPN) detector at the row's image size (``tools.reference_models``).
 
+    ``calibrate``: the calibrated reference, whose detections pass the score threshold (inference rows).
     ``finetune``: the model torchvision builds for fine-tuning from an ImageNet backbone (``weights_backbone`` set):
-    FrozenBatchNorm2d, stem and layer1 frozen (trainable_layers=3). Its frozen statistics are those of a
-    calibrated from-scratch model, so activations stay O(1) as with a pretrained backbone.
+    FrozenBatchNorm2d, stem and layer1 frozen, holding a calibrated model's statistics, so activations stay O(1) as
+    with a pretrained backbone.
     """
-    from torchvision.models.detection import FasterRCNN, MaskRCNN, fasterrcnn_resnet50_fpn, maskrcnn_resnet50_fpn
-    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-
-    torch.manual_seed(0)
-    size = dict(min_size=min(height, width), max_size=max(height, width))
-    if finetune:
-        calibrated = _torchvision_detector(kind, height, width, r18, calibrate=True)
-        backbone = resnet_fpn_backbone(
-            backbone_name="resnet18" if r18 else "resnet50", weights=None,
-            norm_layer=backbones.FrozenBatchNorm2d, trainable_layers=3,
-        )
-        model = (FasterRCNN if kind == "faster_rcnn" else MaskRCNN)(backbone, 91, **size)
-        model.load_state_dict(calibrated.state_dict())  # FrozenBN drops BatchNorm's num_batches_tracked
-        return model
-    if r18:
-        model = FasterRCNN(resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5), 91, **size)
-    else:
-        build = fasterrcnn_resnet50_fpn if kind == "faster_rcnn" else maskrcnn_resnet50_fpn
-        model = build(weights=None, weights_backbone=None, **size)
-    if calibrate:
-        with torch.no_grad():
-            # BatchNorm statistics from data keep the random ResNet's activations O(1), like a trained one's.
-            norms = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
-            for norm in norms:
-                norm.reset_running_stats()
-                norm.momentum = None
-            model.backbone.train()(torch.randn(2, 3, 256, 256, generator=_generator(3)))
-            for norm in norms:
-                norm.momentum = 0.1
-            # Logits spread widely enough that detections pass the score threshold and float rounding cannot
-            # reorder near-tied boxes.
-            model.roi_heads.box_predictor.cls_score.bias[_CONFIDENT_CLASSES] += 2.0
-            model.roi_heads.box_predictor.cls_score.weight *= 3.0
-            model.rpn.head.cls_logits.weight *= 3.0
-    return model
+    return torchvision_detector(
+        kind, backbone="resnet18" if r18 else "resnet50", calibrated=calibrate or finetune, frozen_bn=finetune,
+        min_size=min(height, width), max_size=max(height, width),
+    )
 
 
 def _detector_data(kind: str, n: int, height: int, width: int, settings: Settings) -> tuple[list[Tensor], list[dict]]:
