@@ -195,3 +195,20 @@ def test_recipe_keys_have_the_flags_names():
                                         "grad_accum": 4, "batch_size": 2})
     assert messages[-1] == ("schedule: 100 iterations of 4 accumulated batches of 2 per process, AdamW, linear "
                             "warmup over 10 from lr x0.001, cosine to lr 0")
+
+
+def test_modern_recipe_is_adamw_cosine_lsj_ema_and_its_command_trains_at_its_lr():
+    import re
+
+    from tools.engine.det_config import model_spec
+    from tools.engine.det_model import build_model
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "faster_rcnn_R50_FPN_modern.yaml"
+    cfg, _ = build_config(path)
+    assert (cfg.optimizer, cfg.sched, cfg.lsj, cfg.iters) == ("adamw", "cosine", True, 90000)
+    assert 0 < cfg.ema < 1 and cfg.no_weight_decay_norm_bias
+    run = re.search(r"--nproc_per_node (\d+) tools/train_det.py --config (\S+)", path.read_text())
+    assert run[2] == "configs/faster_rcnn_R50_FPN_modern.yaml" and int(run[1]) * cfg.batch_size == cfg.base_batch_size
+    with torch.device("meta"):
+        model = build_model(model_spec(cfg, num_classes=81))
+    assert model.transform.min_size == (1024,) and model.transform.max_size == 1024  # the LSJ squares as they are

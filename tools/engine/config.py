@@ -142,89 +142,111 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, name: str) -> Any:
     """Return ``value`` converted to type ``tp`` or raise ``ValueError`` naming the field."""
     origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ValueError(f"config key {name!r} may not be null (expected {_type_name(tp)})")
-        candidates = [arg for arg in args if arg is not type(None)]
-        for arg in candidates:
-            try:
-                return _coerce(value, arg, name)
-            except ValueError as err:
-                if len(candidates) == 1:  # "X | None": X's own message says what is wrong
-                    raise err from None
-        raise ValueError(f"config key {name!r}: cannot read {value!r} as {_type_name(tp)}")
+        return _coerce_union(value, tp, name)
     if value is None:
         raise ValueError(f"config key {name!r} may not be null (expected {_type_name(tp)})")
     if origin is Literal:
-        if value not in args:
-            raise ValueError(f"config key {name!r} must be one of {list(args)}, got {value!r}")
+        if value not in typing.get_args(tp):
+            raise ValueError(f"config key {name!r} must be one of {list(typing.get_args(tp))}, got {value!r}")
         return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ValueError(f"config key {name!r} must be a bool (true/false), got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ValueError(f"config key {name!r} must be an int, got bool {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ValueError(f"config key {name!r} must be an int, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ValueError(f"config key {name!r} must be a float, got bool {value!r}")
-        number = None
-        if isinstance(value, (int, float)):
-            try:
-                number = float(value)
-            except OverflowError:  # an int too large for a float
-                pass
-        elif isinstance(value, str):
-            # PyYAML reads "1e-4" (no dot) as a string; accept it as the number it clearly is.
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is None:
-            raise ValueError(f"config key {name!r} must be a float, got {value!r}")
-        if not math.isfinite(number):
-            raise ValueError(f"config key {name!r} must be a finite number, got {value!r}")
-        return number
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ValueError(f"config key {name!r} must be a string, got {value!r}")
+    if tp in _SCALAR_READERS:
+        return _SCALAR_READERS[tp](value, name)
     if origin in (tuple, list) or tp in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"config key {name!r} must be a list, got {value!r}")
-        container = tuple if (origin is tuple or tp is tuple) else list
-        if not args:
-            return container(value)
-        if container is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(value) != len(args):
-                raise ValueError(f"config key {name!r} must have {len(args)} items, got {value!r}")
-            return tuple(_coerce(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        return container(_coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value))
+        return _coerce_sequence(value, tp, name)
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ValueError(f"config key {name!r} must be a mapping, got {value!r}")
         return dict(value)
     # Unknown annotation: pass the value through unchanged.
     return value
+
+
+def _coerce_union(value: Any, tp: Any, name: str) -> Any:
+    args = typing.get_args(tp)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ValueError(f"config key {name!r} may not be null (expected {_type_name(tp)})")
+    candidates = [arg for arg in args if arg is not type(None)]
+    for arg in candidates:
+        try:
+            return _coerce(value, arg, name)
+        except ValueError as err:
+            if len(candidates) == 1:  # "X | None": X's own message says what is wrong
+                raise err from None
+    raise ValueError(f"config key {name!r}: cannot read {value!r} as {_type_name(tp)}")
+
+
+def _read_bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.lower() in ("true", "yes", "1")
+    raise ValueError(f"config key {name!r} must be a bool (true/false), got {value!r}")
+
+
+def _read_int(value: Any, name: str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"config key {name!r} must be an int, got bool {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    raise ValueError(f"config key {name!r} must be an int, got {value!r}")
+
+
+def _read_float(value: Any, name: str) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"config key {name!r} must be a float, got bool {value!r}")
+    number = None
+    if isinstance(value, (int, float)):
+        try:
+            number = float(value)
+        except OverflowError:  # an int too large for a float
+            pass
+    elif isinstance(value, str):
+        # PyYAML reads "1e-4" (no dot) as a string; accept it as the number it clearly is.
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if number is None:
+        raise ValueError(f"config key {name!r} must be a float, got {value!r}")
+    if not math.isfinite(number):
+        raise ValueError(f"config key {name!r} must be a finite number, got {value!r}")
+    return number
+
+
+def _read_str(value: Any, name: str) -> str:
+    if isinstance(value, str):
+        return value
+    raise ValueError(f"config key {name!r} must be a string, got {value!r}")
+
+
+_SCALAR_READERS: dict[type, Callable[[Any, str], Any]] = {
+    bool: _read_bool, int: _read_int, float: _read_float, str: _read_str}
+
+
+def _coerce_sequence(value: Any, tp: Any, name: str) -> list | tuple:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"config key {name!r} must be a list, got {value!r}")
+    container = tuple if (origin is tuple or tp is tuple) else list
+    if not args:
+        return container(value)
+    if container is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+        if len(value) != len(args):
+            raise ValueError(f"config key {name!r} must have {len(args)} items, got {value!r}")
+        return tuple(_coerce(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    return container(_coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value))
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
