@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory format")
     p.add_argument("--workers", type=int, help="data loading worker processes per process")
     p.add_argument("--seed", type=int)
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="bit-identical runs for the same seed, data and flags (deterministic algorithms)")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --output-dir")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in an --output-dir that holds another run's files, deleting them")
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         "channels_last": args.channels_last,
         "workers": args.workers,
         "seed": args.seed,
+        "deterministic": args.deterministic,
         "keep_last": args.keep_last,
         "checkpoint_period": args.checkpoint_period,
         "clip_grad_norm": args.clip_grad,

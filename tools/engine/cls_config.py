@@ -80,6 +80,7 @@ class ClsTrainConfig:
     amp_dtype: Literal["auto", "bfloat16", "float16"] = "auto"
     channels_last: bool = False
     sync_bn: bool = False
+    deterministic: bool = False  # torch's deterministic algorithms (see DetTrainConfig.deterministic)
     seed: int = field(default=0, metadata=bounds(ge=0, le=2**32 - 1))
     output_dir: str = "output/cls"
     keep_last: int | None = field(default=3, metadata=bounds(ge=1))

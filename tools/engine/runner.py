@@ -73,7 +73,7 @@ def launch(cfg: Any, body: Callable[[DistInfo, bool], T], resume: bool) -> T:
         logger.info("torchrun restarted the workers: resuming from the newest checkpoint in %s", cfg.output_dir)
         resume = True
     try:
-        with _deterministic(getattr(cfg, "deterministic", False)):
+        with _deterministic(cfg.deterministic):
             seed_everything(cfg.seed + info.rank)
             return body(info, resume)
     finally:
@@ -113,7 +113,7 @@ class Runner:
 
     Args:
         cfg: the recipe: ``output_dir``, ``keep_last``, ``max_recoveries``, ``spike_factor``, ``amp``,
-            ``amp_dtype``, ``channels_last``, ``sync_bn``, ``clip_grad_norm``, ``base_lr``,
+            ``amp_dtype``, ``channels_last``, ``sync_bn``, ``deterministic``, ``clip_grad_norm``, ``base_lr``,
             ``base_batch_size``, ``batch_size``, ``lr`` are read.
         info: this process's place in the group (:func:`launch`).
         model: the model, not yet moved to the device.
