@@ -212,3 +212,33 @@ def test_modern_recipe_is_adamw_cosine_lsj_ema_and_its_command_trains_at_its_lr(
     with torch.device("meta"):
         model = build_model(model_spec(cfg, num_classes=81))
     assert model.transform.min_size == (1024,) and model.transform.max_size == 1024  # the LSJ squares as they are
+
+
+@pytest.mark.slow
+def test_options_compose_under_torchrun_with_an_elastic_restart(coco_shapes, tmp_path):
+    """Two processes, every option at once, one worker killed in step 3: torchrun restarts the group, which
+    resumes from the iteration-2 checkpoint and finishes."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tmp_path / "all.yaml"
+    config.write_text(yaml.safe_dump({
+        **TINY, **coco_shapes, "detector": "mask_rcnn", "lsj": True, "copy_paste": 0.5, "grad_accum": 2,
+        "batch_size": 1, "optimizer": "adamw", "sched": "cosine", "lr": None, "base_lr": 4e-3, "base_batch_size": 8,
+        "ema": 0.9, "keep_best": "segm/AP", "deterministic": True, "iters": 4, "checkpoint_every": 2,
+        "eval_every": 2, "vis_images": 0}))
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RESDET_CRASH_AT": "train_step:3", "RESDET_CRASH_RANK": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",
+         "tools/train_det.py", "--config", str(config), "--device", "cpu", "--output-dir", str(out)],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "x 4 / 8" in result.stderr  # lr for 2 processes x 2 accumulated images
+    assert "resumed from" in result.stderr and "model_0000002.pth" in result.stderr
+    final = load_checkpoint(out / "model_final.pth")
+    assert final["iteration"] == 4 and final["ema"] is not None
+    assert load_checkpoint(out / "model_best.pth")["best"]["metric"] == "segm/AP"

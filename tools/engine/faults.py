@@ -14,7 +14,7 @@ blocks, no atexit handlers, no flushing. Optional filters:
 - A worker group restarted by torchrun (``TORCHELASTIC_RESTART_COUNT`` > 0) never crashes, so
   a test can check that the restarted job recovers.
 
-Points: ``train_step`` (forward pass done, before backward and the optimizer step),
+Points: ``train_step`` (forward and backward passes done, before the optimizer step),
 ``checkpoint_write`` (temp file of any atomic write written and synced, not yet renamed over
 the real name), ``eval`` (after each evaluation batch).
 
