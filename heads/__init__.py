@@ -1,6 +1,7 @@
 """Detectors over the ResNet-FPN backbones: Faster R-CNN and Mask R-CNN (torchvision's conventions)."""
 from heads.build import DETECTORS, RESNET_BACKBONES, build_detector
 from heads.detectors import VARIANTS, ClassAgnosticBoxPredictor, FasterRCNN, MaskRCNN
+from heads.export import DetectorForExport, export
 from heads.inputs import check_images, check_targets
 from heads.weights import CLASS_SPECIFIC_PREFIXES, load_weights
 
@@ -10,6 +11,8 @@ __all__ = [
     "ClassAgnosticBoxPredictor",
     "build_detector",
     "load_weights",
+    "export",
+    "DetectorForExport",
     "check_images",
     "check_targets",
     "DETECTORS",
