@@ -3,6 +3,7 @@ from heads.build import DETECTORS, RESNET_BACKBONES, build_detector
 from heads.detectors import VARIANTS, ClassAgnosticBoxPredictor, FasterRCNN, MaskRCNN
 from heads.export import DetectorForExport, export
 from heads.inputs import check_images, check_targets
+from heads.predictor import Predictor
 from heads.weights import CLASS_SPECIFIC_PREFIXES, load_weights
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "build_detector",
     "load_weights",
     "export",
+    "Predictor",
     "DetectorForExport",
     "check_images",
     "check_targets",

@@ -281,6 +281,7 @@ def export(
     import onnx
 
     torch.onnx.export(traced.program, f=str(path), dynamo=True, opset_version=opset, verbose=False, optimize=optimize,
+                      external_data=False,  # one file: the weights of these models stay far below 2 GB
                       input_names=[traced.input_name], output_names=traced.output_names,
                       custom_translation_table={torch.ops.resdet.grouped_nms.default: _onnx_grouped_nms})
     onnx.checker.check_model(str(path), full_check=True)

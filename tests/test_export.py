@@ -11,6 +11,7 @@ import torch
 import backbones
 from heads.export import _onnx_grouped_nms, export, trace
 from heads.postprocess import grouped_nms
+import heads
 from tools import export as export_tool
 from tools.engine.deploy import match_detections
 from tools.engine.det_model import build_model
@@ -181,3 +182,40 @@ def test_export_tool_writes_a_pt2_detector(checkpoint, tmp_path, capsys):
     assert "faster_rcnn" in capsys.readouterr().out
     result = torch.export.load(str(output)).module()(torch.rand(3, 77, 101))
     assert set(result) == {"boxes", "labels", "scores"} and result["boxes"].shape[1] == 4
+
+
+@pytest.mark.slow  # R50-FPN at 800 px: export and three runs of two images (a few minutes on 2 cores)
+def test_r50_mask_rcnn_onnx_and_pt2_reproduce_eager(tmp_path):
+    torch.manual_seed(0)
+    model = build_model({"kind": "mask_rcnn", "backbone": "resnet50", "num_classes": 91,
+                         "options": {"box_score_thresh": 0.0, "box_detections_per_img": 50}}).eval()
+    traced = trace(model, torch.rand(3, 480, 640))
+    onnx_path, pt2_path = export(traced, tmp_path / "r50.onnx"), export(traced, tmp_path / "r50.pt2", "pt2")
+    images = [torch.rand(3, 300, 410), torch.rand(3, 420, 260)]
+    with torch.no_grad():
+        eager = [model([image])[0] for image in images]
+        from_pt2 = [torch.export.load(str(pt2_path)).module()(image) for image in images]
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    from_onnx = [dict(zip(names, session.run(None, {"image": image.numpy()}))) for image in images]
+    assert all(len(d["scores"]) == 50 for d in eager)
+    _check_parity(eager, from_onnx, "onnxruntime")
+    _check_parity(eager, from_pt2, "torch.export")
+
+
+def test_predictor_and_infer_run_the_onnx_file_as_eager(exported, tmp_path):
+    model, onnx_path, _, images = exported
+    thresh = model.roi_heads.score_thresh
+    eager = heads.Predictor(model, device="cpu", score_thresh=thresh, class_names=list("abcd"))(images)
+    from_onnx = heads.Predictor(onnx=onnx_path, score_thresh=thresh, class_names=list("abcd"))(images)
+    _check_parity(eager, from_onnx, "Predictor(onnx=...)")
+    assert [d["class_names"] for d in from_onnx] == [d["class_names"] for d in eager]
+
+    from PIL import Image
+    from tools import infer
+
+    Image.fromarray((images[1].permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(tmp_path / "x.png")
+    assert infer.main([str(tmp_path / "x.png"), "--onnx", str(onnx_path), "--output-dir", str(tmp_path / "out"),
+                       "--score-thresh", "0.0", "--no-progress"]) == 0
+    record = json.loads((tmp_path / "out" / "detections.json").read_text())[0]
+    assert len(record["detections"]) > 0 and record["detections"][0]["category_name"].isdigit()
