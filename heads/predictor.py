@@ -26,7 +26,8 @@ def _as_tensor(image: ImageInput, bgr: bool) -> Tensor:
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"numpy images must be HxWx3 uint8, got {image.dtype} {image.shape}")
-        image = torch.from_numpy(np.ascontiguousarray(image[..., ::-1] if bgr else image)).permute(2, 0, 1)
+        # A copy: the array may be read-only (PIL's) or a reversed view (BGR).
+        image = torch.from_numpy(np.array(image[..., ::-1] if bgr else image)).permute(2, 0, 1)
     elif isinstance(image, Tensor):
         if image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"tensor images must be 3xHxW, got shape {tuple(image.shape)}")
