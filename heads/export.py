@@ -21,6 +21,7 @@ Loading a ``.pt2`` needs ``import heads`` first (it registers ``resdet::grouped_
 """
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
@@ -33,6 +34,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
+from backbones.optimize import fold_norms_
 from heads.detectors import FasterRCNN
 from heads.postprocess import _resample_weights, grouped_nms
 
@@ -231,8 +233,14 @@ class Traced(NamedTuple):
 
 
 def trace(model: nn.Module, example: Optional[Tensor] = None) -> Traced:
-    """``torch.export`` a detector, classifier or backbone with dynamic sizes (see :func:`export`); eval mode."""
-    module, example, dims, input_name, names = _prepare(model.eval(), example)
+    """``torch.export`` a detector, classifier or backbone with dynamic sizes (see :func:`export`).
+
+    Traces an eval-mode copy whose norms are folded into the convolutions (``backbones.fold_norms_``): the
+    exported graph holds no BatchNorm (whose empty-input check cannot be traced on a data-dependent number of
+    RoIs) and does not rescale weights on every call; outputs equal the model's to float rounding."""
+    model = copy.deepcopy(model).eval()
+    fold_norms_(model)
+    module, example, dims, input_name, names = _prepare(model, example)
     with torch.no_grad():
         program = torch.export.export(module, (example,), dynamic_shapes=(dims,))
     return Traced(program, input_name, names)
@@ -253,7 +261,7 @@ def export(
         model: a ``heads.FasterRCNN``/``MaskRCNN`` (one input ``image``, float32 3×H×W; outputs ``boxes``,
             ``labels``, ``scores`` and ``masks``), a ``backbones.ResNet`` classifier (input ``images`` N×3×H×W,
             output ``logits``) or a backbone returning named maps, e.g. ``backbones.FPN`` (outputs ``p2``, ...),
-            put in eval mode here; or what :func:`trace` returned, to write both formats from one trace. H, W and
+            (not modified); or what :func:`trace` returned, to write both formats from one trace. H, W and
             the batch are dynamic.
         path: the file to write; written over if it exists.
         format: "onnx" (``torch.onnx.export(dynamo=True)``, checked with ``onnx.checker``) or "pt2".

@@ -50,7 +50,9 @@ class Predictor:
         class_names: name of each label 1..K (label 0 is the background); labels without a name are given as
             their number. ``tools.engine.det_infer.load_predictor`` builds a Predictor from a checkpoint path with
             the checkpoint's names.
-        batch_size: images per eager forward (the ONNX model takes one image at a time).
+        batch_size: images per eager forward (the ONNX model takes one image at a time). A batch pads its images
+            to a common size, as torchvision's and detectron2's detectors do, which moves detections slightly
+            compared with one image per forward; 1 gives exactly the exported model's results.
 
     Example:
         >>> predictor = Predictor(model, score_thresh=0.5, class_names=["cat", "dog"])

@@ -206,7 +206,8 @@ def test_r50_mask_rcnn_onnx_and_pt2_reproduce_eager(tmp_path):
 def test_predictor_and_infer_run_the_onnx_file_as_eager(exported, tmp_path):
     model, onnx_path, _, images = exported
     thresh = model.roi_heads.score_thresh
-    eager = heads.Predictor(model, device="cpu", score_thresh=thresh, class_names=list("abcd"))(images)
+    # One image per forward: a batch pads its images to a common size, which moves detections slightly.
+    eager = heads.Predictor(model, device="cpu", score_thresh=thresh, class_names=list("abcd"), batch_size=1)(images)
     from_onnx = heads.Predictor(onnx=onnx_path, score_thresh=thresh, class_names=list("abcd"))(images)
     _check_parity(eager, from_onnx, "Predictor(onnx=...)")
     assert [d["class_names"] for d in from_onnx] == [d["class_names"] for d in eager]

@@ -103,8 +103,9 @@ def match_detections(reference: dict[str, Any], other: dict[str, Any], iou: floa
     """How many of ``reference``'s detections ``other`` reproduces: a detection of the same label with box IoU >=
     ``iou``, score within ``score_tol`` and (when both have masks) mask IoU >= ``mask_iou``, each used once.
     Values may be tensors or numpy arrays. Returns ``(matched, len(reference))``."""
-    ref = {k: torch.as_tensor(v) for k, v in reference.items()}
-    oth = {k: torch.as_tensor(v) for k, v in other.items()}
+    keys = ("boxes", "labels", "scores", "masks")
+    ref = {k: torch.as_tensor(v) for k, v in reference.items() if k in keys}
+    oth = {k: torch.as_tensor(v) for k, v in other.items() if k in keys}
     n = len(ref["scores"])
     if n == 0 or len(oth["scores"]) == 0:
         return 0, n
