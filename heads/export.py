@@ -118,7 +118,7 @@ class DetectorForExport(nn.Module):
 
     ``forward(image)`` takes a float32 3×H×W image (RGB in [0, 1]) and returns a dict with ``boxes``, ``labels``,
     ``scores`` (and ``masks``): the eager model's ``model([image])[0]``, to float rounding. It shares the model's
-    modules and parameters (no copy).
+    modules and parameters (no copy; :func:`trace` wraps a copy with folded norms).
     """
 
     def __init__(self, model: FasterRCNN) -> None:
@@ -134,8 +134,9 @@ class DetectorForExport(nn.Module):
         max_stride = max(spec.stride for spec in model.backbone.output_shape().values())
         new_h, new_w = _resized_size(image, transform.min_size[-1], transform.max_size, max_stride)
         x = F.interpolate(transform.normalize(image)[None], size=(new_h, new_w), mode="bilinear", align_corners=False)
-        stride = transform.size_divisible
-        x = F.pad(x, (0, (new_w + stride - 1) // stride * stride - new_w, 0, (new_h + stride - 1) // stride * stride - new_h))
+        stride = transform.size_divisible  # batch padding, as torchvision's batch_images
+        padded_h, padded_w = (new_h + stride - 1) // stride * stride, (new_w + stride - 1) // stride * stride
+        x = F.pad(x, (0, padded_w - new_w, 0, padded_h - new_h))
         features = model.backbone(x)
         size = torch.stack([_side(new_h), _side(new_w)])[None]  # [1, 2] (height, width) of the resized image
 

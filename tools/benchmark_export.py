@@ -109,12 +109,14 @@ def main(argv: list[str] | None = None) -> int:
                 fn()
                 times[name].append(time.perf_counter() - start)
     eager_ms = statistics.median(times["eager"]) * 1e3
-    what = f"{args.detector} R50-FPN, {height}×{width} image" if detector else f"{args.model}, {args.batch}×{height}²"
+    what = (f"{args.detector} R50-FPN, {height}×{width} image" if detector
+            else f"{args.model}, {args.batch}×{height}×{width}")
     print("| model | way | median ms | vs eager | parity |")
     print("|---|---|---|---|---|")
     for name in ways:
         ms = statistics.median(times[name]) * 1e3
-        print(f"| {what} | {name} | {ms:.0f} | {eager_ms / ms:.2f}× | {_parity(outputs['eager'], outputs[name], detector)} |")
+        parity = _parity(outputs["eager"], outputs[name], detector)
+        print(f"| {what} | {name} | {ms:.0f} | {eager_ms / ms:.2f}× | {parity} |")
     return 0
 
 

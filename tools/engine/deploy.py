@@ -115,7 +115,8 @@ def match_detections(reference: dict[str, Any], other: dict[str, Any], iou: floa
     used, matched = torch.zeros(len(oth["scores"]), dtype=torch.bool), 0
     for i in range(n):
         for j in torch.nonzero(ok[i] & ~used).flatten().tolist():
-            if "masks" in ref and "masks" in oth and _mask_iou(ref["masks"][i:i + 1], oth["masks"][j:j + 1])[0] < mask_iou:
+            masks = "masks" in ref and "masks" in oth
+            if masks and _mask_iou(ref["masks"][i:i + 1], oth["masks"][j:j + 1])[0] < mask_iou:
                 continue
             used[j], matched = True, matched + 1
             break

@@ -33,7 +33,8 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES)
+            suffixes = IMAGE_SUFFIXES + VIDEO_SUFFIXES
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
             if not found:
                 raise ValueError(f"folder {path} holds no image ({', '.join(IMAGE_SUFFIXES)}) or video file")
             files += found
