@@ -287,8 +287,11 @@ def export(
     if format == "pt2":
         torch.export.save(traced.program, path)
         return path
-    import onnx
-
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (torch.onnx's dynamo exporter translates with it)
+    except ImportError:
+        raise ValueError("ONNX export needs onnx and onnxscript: pip install -e '.[export]'") from None
     torch.onnx.export(traced.program, f=str(path), dynamo=True, opset_version=opset, verbose=False, optimize=optimize,
                       external_data=False,  # one file: the weights of these models stay far below 2 GB
                       input_names=[traced.input_name], output_names=traced.output_names,

@@ -83,14 +83,19 @@ class Predictor:
         if model is not None:
             self.model = model.eval().to(self.device)
         else:
-            import onnxruntime
-
+            try:
+                import onnxruntime
+            except ImportError:
+                raise ValueError("running an ONNX file needs onnxruntime: pip install -e '.[export]'") from None
             if not Path(onnx).is_file():
                 raise ValueError(f"ONNX file {onnx} does not exist")
             providers = ["CPUExecutionProvider"]
             if self.device.type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
                 providers.insert(0, "CUDAExecutionProvider")
-            self.session = onnxruntime.InferenceSession(str(onnx), providers=providers)
+            try:
+                self.session = onnxruntime.InferenceSession(str(onnx), providers=providers)
+            except Exception as e:  # onnxruntime's own exception types (invalid protobuf, unknown op, ...)
+                raise ValueError(f"{onnx}: onnxruntime cannot load it: {e}") from None
             self.output_names = [output.name for output in self.session.get_outputs()]
             if self.output_names[:3] != ["boxes", "labels", "scores"]:
                 raise ValueError(f"{onnx} is not a detector exported by heads.export: outputs {self.output_names}")

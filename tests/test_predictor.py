@@ -111,3 +111,13 @@ def test_infer_reports_missing_inputs_in_one_line(model, tmp_path, capsys, monke
     assert infer.main([*argv, "--onnx", "missing.onnx", "--output-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_predictor_reports_an_unreadable_onnx_file(tmp_path):
+    pytest.importorskip("onnxruntime")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="onnxruntime cannot load it"):
+        heads.Predictor(onnx=bad)
+    with pytest.raises(ValueError, match="does not exist"):
+        heads.Predictor(onnx=tmp_path / "missing.onnx")
