@@ -23,5 +23,11 @@ setup(
         "numpy>=1.24",
         "pillow>=9.0",
     ],
-    extras_require={"test": ["pytest>=7.4"]},
+    extras_require={
+        # ONNX export (torch.onnx.export(dynamo=True) translates with onnxscript), its check, and onnxruntime to run
+        # the files (heads.Predictor(onnx=...), tools/infer.py --onnx); PyAV decodes videos for tools/infer.py.
+        "export": ["onnx>=1.18", "onnxscript>=0.5", "onnxruntime>=1.20", "av>=12"],
+        # The tests run the export parity checks too, so that the README's two commands set up everything.
+        "test": ["pytest>=7.4", "onnx>=1.18", "onnxscript>=0.5", "onnxruntime>=1.20", "av>=12"],
+    },
 )

@@ -54,6 +54,10 @@ def affine_of(norm: nn.Module) -> Optional[tuple[Tensor, Tensor]]:
     return None
 
 
+# torch.export traces sizes as symbols, on which a size-dependent choice would become a guard (torch < 2.5: no export).
+_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
 def conv_norm(conv: nn.Module, norm: nn.Module, x: Tensor) -> Tensor:
     """``norm(conv(x))``, with an affine norm folded into the convolution's weights when that is less work.
 
@@ -71,7 +75,8 @@ def conv_norm(conv: nn.Module, norm: nn.Module, x: Tensor) -> Tensor:
     if type(conv) is not nn.Conv2d:
         return norm(conv(x))
     affine = affine_of(norm)
-    if affine is None or _output_numel(conv, x) < conv.weight.numel():
+    # Under export the sizes are symbols: fold, the large-input case, instead of guarding on them.
+    if affine is None or (not _exporting() and _output_numel(conv, x) < conv.weight.numel()):
         return norm(conv._conv_forward(x, _channels_last_like(conv.weight, x), conv.bias))
     scale, shift = affine
     bias = shift if conv.bias is None else conv.bias * scale + shift

@@ -1,7 +1,9 @@
 """Detectors over the ResNet-FPN backbones: Faster R-CNN and Mask R-CNN (torchvision's conventions)."""
 from heads.build import DETECTORS, RESNET_BACKBONES, build_detector
 from heads.detectors import VARIANTS, ClassAgnosticBoxPredictor, FasterRCNN, MaskRCNN
+from heads.export import DetectorForExport, export
 from heads.inputs import check_images, check_targets
+from heads.predictor import Predictor
 from heads.weights import CLASS_SPECIFIC_PREFIXES, load_weights
 
 __all__ = [
@@ -10,6 +12,9 @@ __all__ = [
     "ClassAgnosticBoxPredictor",
     "build_detector",
     "load_weights",
+    "export",
+    "Predictor",
+    "DetectorForExport",
     "check_images",
     "check_targets",
     "DETECTORS",

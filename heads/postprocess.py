@@ -154,6 +154,51 @@ class BatchedRegionProposalNetwork(RegionProposalNetwork):
     Same constructor, attributes, training behaviour and results; see the module docstring.
     """
 
+    def _get_top_n_idx(self, objectness: Tensor, num_anchors_per_level: list[int]) -> Tensor:
+        """torchvision's per-level top-k, with ``torch.sym_min`` so that export keeps the level sizes symbolic."""
+        r, offset = [], 0
+        for ob in objectness.split(num_anchors_per_level, 1):
+            _, top_n_idx = ob.topk(torch.sym_min(self.pre_nms_top_n(), ob.shape[1]), dim=1)
+            r.append(top_n_idx + offset)
+            offset += ob.shape[1]
+        return torch.cat(r, dim=1)
+
+    def proposal_candidates(
+        self, proposals: Tensor, objectness: Tensor, sizes: Tensor, num_anchors_per_level: list[int]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The proposals that go into NMS: each level's best, clipped, without small or low-scoring ones.
+
+        Args:
+            proposals: [N, A, 4] decoded boxes of all anchors of the N images.
+            objectness: [N * A, 1] (or [N, A]) logits.
+            sizes: [N, 2] (height, width) of each image, in the proposals' dtype.
+            num_anchors_per_level: anchors per image on each level, in the order of the A anchors.
+
+        Returns:
+            boxes [K, 4], scores [K] (probabilities), image [K] and NMS group [K] (image x level) of each candidate.
+        """
+        num_images = proposals.shape[0]
+        device = proposals.device
+        objectness = objectness.detach().reshape(num_images, -1)
+
+        # torchvision's per-level top-k (already batched): columns are level 0's best, then level 1's, ...
+        top_n_idx = self._get_top_n_idx(objectness, num_anchors_per_level)
+        per_level = [torch.sym_min(self.pre_nms_top_n(), n) for n in num_anchors_per_level]
+        levels = torch.cat([torch.full((k,), i, dtype=torch.int64, device=device) for i, k in enumerate(per_level)])
+        batch_idx = torch.arange(num_images, device=device)[:, None]
+        scores = torch.sigmoid(objectness[batch_idx, top_n_idx])
+        boxes = proposals[batch_idx, top_n_idx]
+
+        boxes = _clip_to_images(boxes, sizes.reshape(num_images, 1, 2))
+        valid = _has_min_size(boxes, self.min_size) & (scores >= self.score_thresh)
+
+        flat = valid.flatten().nonzero().squeeze(1)
+        boxes, scores = boxes.flatten(0, 1)[flat], scores.flatten()[flat]
+        # Image and level of each candidate by lookup (not flat // columns, flat % columns: ONNX-friendlier).
+        image = batch_idx.expand(valid.shape).flatten()[flat]
+        groups = image * len(per_level) + levels.expand(valid.shape).flatten()[flat]
+        return boxes, scores, image, groups
+
     def filter_proposals(
         self,
         proposals: Tensor,
@@ -173,25 +218,8 @@ class BatchedRegionProposalNetwork(RegionProposalNetwork):
             Boxes [K_i, 4] and scores [K_i] (probabilities) of each image, in decreasing score order.
         """
         num_images = proposals.shape[0]
-        device = proposals.device
-        objectness = objectness.detach().reshape(num_images, -1)
-
-        # torchvision's per-level top-k (already batched): columns are level 0's best, then level 1's, ...
-        top_n_idx = self._get_top_n_idx(objectness, num_anchors_per_level)
-        per_level = [min(self.pre_nms_top_n(), n) for n in num_anchors_per_level]
-        levels = torch.cat([torch.full((k,), i, dtype=torch.int64, device=device) for i, k in enumerate(per_level)])
-        batch_idx = torch.arange(num_images, device=device)[:, None]
-        scores = torch.sigmoid(objectness[batch_idx, top_n_idx])
-        boxes = proposals[batch_idx, top_n_idx]
-
-        sizes = torch.tensor(image_shapes, dtype=boxes.dtype, device=device).reshape(num_images, 1, 2)
-        boxes = _clip_to_images(boxes, sizes)
-        valid = _has_min_size(boxes, self.min_size) & (scores >= self.score_thresh)
-
-        flat = valid.flatten().nonzero().squeeze(1)
-        boxes, scores = boxes.flatten(0, 1)[flat], scores.flatten()[flat]
-        image = flat // valid.shape[1]
-        groups = image * len(per_level) + levels[flat % valid.shape[1]]
+        sizes = torch.tensor(image_shapes, dtype=proposals.dtype, device=proposals.device)
+        boxes, scores, image, groups = self.proposal_candidates(proposals, objectness, sizes, num_anchors_per_level)
         keep = grouped_nms(boxes, scores, groups, self.nms_thresh)
         keep, counts = _top_per_image(keep, image, num_images, self.post_nms_top_n())
         return list(boxes[keep].split(counts)), list(scores[keep].split(counts))
@@ -202,6 +230,37 @@ class BatchedRoIHeads(RoIHeads):
 
     Same constructor, attributes, losses and results; see the module docstring.
     """
+
+    def detection_candidates(
+        self, class_logits: Tensor, box_regression: Tensor, proposals: Tensor, image: Tensor, sizes: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The (proposal, class) detections that go into NMS: above the score threshold, decoded, clipped, not tiny.
+
+        Args:
+            class_logits: [R, C] over the R proposals of all images (C classes including background).
+            box_regression: [R, C * 4] deltas per class.
+            proposals: [R, 4] proposals of all images.
+            image: [R] image of each proposal.
+            sizes: [N, 2] (height, width) of each image.
+
+        Returns:
+            boxes [D, 4], scores [D], labels [D] (int64, 1..C-1) and image [D] of each candidate.
+        """
+        num_rois, num_classes = class_logits.shape
+        scores = F.softmax(class_logits, -1)
+
+        # Only (proposal, class) pairs above the score threshold are decoded, clipped and kept; the background
+        # column never is.
+        candidates = (scores[:, 1:] > self.score_thresh).nonzero()
+        rows, labels = candidates[:, 0], candidates[:, 1] + 1
+        scores = scores[rows, labels]
+        deltas = box_regression.reshape(num_rois, num_classes, 4)[rows, labels]
+        boxes = self.box_coder.decode_single(deltas, proposals[rows])
+        image = image[rows]
+        boxes = _clip_to_images(boxes, sizes[image].to(boxes.dtype))
+
+        valid = _has_min_size(boxes, _MIN_DETECTION_SIZE).nonzero().squeeze(1)
+        return boxes[valid], scores[valid], labels[valid], image[valid]
 
     def postprocess_detections(
         self,
@@ -224,23 +283,12 @@ class BatchedRoIHeads(RoIHeads):
         device = class_logits.device
         num_images = len(proposals)
         num_rois, num_classes = class_logits.shape
-        scores = F.softmax(class_logits, -1)
-
-        # Only (proposal, class) pairs above the score threshold are decoded, clipped and kept; the background
-        # column never is.
-        candidates = (scores[:, 1:] > self.score_thresh).nonzero()
-        rows, labels = candidates[:, 0], candidates[:, 1] + 1
-        scores = scores[rows, labels]
-        deltas = box_regression.reshape(num_rois, num_classes, 4)[rows, labels]
-        boxes = self.box_coder.decode_single(deltas, torch.cat(proposals)[rows])
-
         # One row per image: (height, width, number of proposals).
         meta = torch.tensor([(h, w, len(p)) for (h, w), p in zip(image_shapes, proposals)], device=device)
-        image = torch.arange(num_images, device=device).repeat_interleave(meta[:, 2], output_size=num_rois)[rows]
-        boxes = _clip_to_images(boxes, meta[image, :2].to(boxes.dtype))
-
-        valid = _has_min_size(boxes, _MIN_DETECTION_SIZE).nonzero().squeeze(1)
-        boxes, scores, labels, image = boxes[valid], scores[valid], labels[valid], image[valid]
+        image = torch.arange(num_images, device=device).repeat_interleave(meta[:, 2], output_size=num_rois)
+        boxes, scores, labels, image = self.detection_candidates(
+            class_logits, box_regression, torch.cat(proposals), image, meta[:, :2]
+        )
         keep = grouped_nms(boxes, scores, image * num_classes + labels, self.nms_thresh)
         keep, counts = _top_per_image(keep, image, num_images, self.detections_per_img)
         return list(boxes[keep].split(counts)), list(scores[keep].split(counts)), list(labels[keep].split(counts))

@@ -1,7 +1,13 @@
-"""Run a detector checkpoint on images: a PNG per image with the detections drawn, plus detections.json.
+"""Run a detector on images, folders, globs and videos: per image or frame a PNG with the detections drawn and a
+JSON, then detections.json (all of them) and results.json (COCO results). Nothing that exists is written over.
 
-Example:
+The detector is a checkpoint (--weights) or an exported ONNX file run in onnxruntime (--onnx; --weights as well
+gives the class names).
+
+Examples:
     python tools/infer.py --weights output/det/model_final.pth street.jpg dogs.png --output-dir output/infer
+    python tools/infer.py --onnx mask_rcnn.onnx --weights output/det/model_final.pth photos/ "clips/*.mp4" \
+        --frame-stride 10 --output-dir output/infer
 """
 from __future__ import annotations
 
@@ -19,8 +25,11 @@ from tools.engine.errors import USER_ERRORS, report
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--weights", required=True, help="detector checkpoint (ours or torchvision COCO)")
+    p.add_argument("images", nargs="+", help="image or video files, folders (searched recursively) or glob patterns")
+    p.add_argument("--weights", help="detector checkpoint (ours or torchvision COCO)")
+    p.add_argument("--onnx", help="run this exported detector (tools/export.py) in onnxruntime instead")
+    p.add_argument("--frame-stride", type=int, default=1, help="videos: detect on every n-th frame")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--score-thresh", type=float, default=0.5, help="keep detections scoring at least this")
     p.add_argument("--detector", choices=["faster_rcnn", "mask_rcnn"], help="override the checkpoint's")
@@ -44,11 +53,13 @@ def main(argv: list[str] | None = None) -> int:
                  "min_size": args.min_size, "max_size": args.max_size}
     try:
         records = infer_images(args.weights, args.images, args.output_dir, args.score_thresh, overrides, args.device,
-                               bf16=args.bf16, compile=args.compile)
+                               bf16=args.bf16, compile=args.compile, onnx=args.onnx, frame_stride=args.frame_stride,
+                               progress=not args.no_progress)
     except USER_ERRORS as e:
         return report(e)
     for record in records:
-        print(f"{record['image']}: {len(record['detections'])} detections -> {record['output']}")
+        frame = f" frame {record['frame']}" if "frame" in record else ""
+        print(f"{record['image']}{frame}: {len(record['detections'])} detections -> {record['output']}")
     return 0
 
 

@@ -140,7 +140,8 @@ def load_detector(
     ``max_size``; ``None`` values ignored) replace what the checkpoint says.
 
     ``info`` holds ``model_spec``, ``label_to_cat_id`` (``None`` when the checkpoint has none)
-    and ``class_names`` (torchvision's COCO names for a 91-class model without names).
+    and ``class_names`` (torchvision's COCO names for a 91-class model without names), and ``skipped_keys``: the
+    class-specific layers left untrained because ``num_classes`` differs from the checkpoint's.
     """
     raw = load_run_file(weights)
     try:
@@ -185,13 +186,14 @@ def load_detector(
     except ValueError as e:
         raise ValueError(f"{weights}: {e}") from None
     try:
-        heads.load_weights(model, state)
+        loaded = heads.load_weights(model, state)
     except ValueError as e:
         raise ValueError(f"{weights}: {e}") from None
     model.eval()
     if class_names is None and spec["num_classes"] == 91:
         class_names = list(FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"][1:])
-    return model, {"model_spec": spec, "label_to_cat_id": mapping, "class_names": class_names}
+    return model, {"model_spec": spec, "label_to_cat_id": mapping, "class_names": class_names,
+                   "skipped_keys": loaded.skipped_keys}
 
 
 def for_inference(model: nn.Module, bf16: bool, compile: bool) -> nn.Module:
