@@ -250,8 +250,9 @@ def test_infer_never_writes_over_an_input_or_an_existing_file(coco_shapes, det_w
     capsys.readouterr()
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in before} == before  # nothing replaced
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["photo.png", "photo_1.png", "photo_2.png", "photo_3.png", "photo_4.png",
-         "detections.json", "detections_1.json", "detections_2.json"])
+        ["photo.png", "photo_1.png", "photo_2.png", "photo_3.png", "photo_4.png",  # the input, then 2 runs x 2 images
+         "photo.json", "photo_1.json", "photo_2.json", "photo_3.json",  # one JSON per image and run
+         "detections.json", "detections_1.json", "detections_2.json", "results.json", "results_1.json"])
     records = json.loads((out / "detections_1.json").read_text())
     assert [r["output"] for r in records] == [str(out / "photo_1.png"), str(out / "photo_2.png")]
 
