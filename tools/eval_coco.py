@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # a script in the clone: only backbones and heads
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools.engine.det_eval import evaluate_checkpoint, score_results_file
+from tools.engine.det_model import add_detector_flags, detector_overrides
 from tools.engine.det_tta import TTASettings
 from tools.engine.errors import USER_ERRORS, report
 
@@ -38,12 +39,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-ann", required=True, help="COCO instances JSON (ground truth)")
     p.add_argument("--val-images", help="image folder (with --weights)")
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--detector", choices=["faster_rcnn", "mask_rcnn"], help="override the checkpoint's")
-    p.add_argument("--backbone", help="override the checkpoint's backbone")
-    p.add_argument("--variant", choices=["v1", "v2"], help="override the checkpoint's")
-    p.add_argument("--num-classes", type=int, help="override the checkpoint's (background included)")
-    p.add_argument("--min-size", type=int, help="test-time shorter side (default: the checkpoint's)")
-    p.add_argument("--max-size", type=int, help="test-time longer side cap (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
@@ -63,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tta.add_argument("--tta-max-size", type=int, metavar="PIXELS",
                      help="longer side cap at every size (default: the model's cap scaled with each size)")
     tta.add_argument("--no-tta-flip", action="store_true", help="sizes only, no flipped views")
+    add_detector_flags(p)
     return p.parse_args(argv)
 
 
@@ -90,9 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if args.val_images is None:
                 raise ValueError("--weights needs --val-images")
-            overrides = {"kind": args.detector, "backbone": args.backbone, "variant": args.variant,
-                         "num_classes": args.num_classes, "min_size": args.min_size, "max_size": args.max_size}
-            evaluate_checkpoint(args.weights, args.val_images, args.val_ann, args.output_dir, overrides,
+            evaluate_checkpoint(args.weights, args.val_images, args.val_ann, args.output_dir, detector_overrides(args),
                                 device=args.device, batch_size=args.batch_size, workers=args.workers,
                                 allow_outside_root=args.allow_outside_root, bf16=args.bf16,
                                 compile=args.compile, tta=tta)

@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # a script in the clone: only backbones and heads
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools.engine.deploy import export_checkpoint
+from tools.engine.det_model import add_detector_flags, detector_overrides
 from tools.engine.errors import USER_ERRORS, report
 
 
@@ -34,28 +35,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", help="a ResNet name (resnet50, ...): export a classifier instead of a detector")
     p.add_argument("--features", action="store_true",
                    help="export the feature maps: a detector's backbone + FPN, or with --model the ResNet's c2..c5")
-    p.add_argument("--detector", help="faster_rcnn or mask_rcnn (default: the checkpoint's)")
-    p.add_argument("--num-classes", type=int, help="classes including background (default: the checkpoint's)")
-    p.add_argument("--variant", help="v1 or v2 (default: the checkpoint's)")
-    p.add_argument("--backbone", help="the detector's backbone (default: the checkpoint's)")
-    p.add_argument("--min-size", type=int, help="shorter side the detector resizes to (default: the checkpoint's)")
-    p.add_argument("--max-size", type=int, help="longer side cap (default: the checkpoint's)")
+    add_detector_flags(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    detector = {"kind": args.detector, "backbone": args.backbone, "variant": args.variant,
-                "min_size": args.min_size, "max_size": args.max_size}
+    overrides = detector_overrides(args)
     try:
         if args.model is not None:
-            if any(v is not None for v in detector.values()):
+            if any(v is not None for k, v in overrides.items() if k != "num_classes"):
                 raise ValueError("--detector, --variant, --backbone, --min-size and --max-size are for detectors; "
                                  "drop them with --model")
             overrides = {"num_classes": args.num_classes}
-        else:
-            overrides = {**detector, "num_classes": args.num_classes}
         result = export_checkpoint(args.weights, args.output, args.format, model=args.model, features=args.features,
                                    overrides=overrides)
     except USER_ERRORS as e:

@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # a script in the clone: only backbones and heads
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools.engine.det_infer import infer_images
+from tools.engine.det_model import add_detector_flags, detector_overrides
 from tools.engine.errors import USER_ERRORS, report
 
 
@@ -32,25 +33,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--score-thresh", type=float, default=0.5, help="keep detections scoring at least this")
-    p.add_argument("--detector", choices=["faster_rcnn", "mask_rcnn"], help="override the checkpoint's")
-    p.add_argument("--backbone", help="override the checkpoint's backbone")
-    p.add_argument("--variant", choices=["v1", "v2"], help="override the checkpoint's")
-    p.add_argument("--min-size", type=int, help="shorter side the model resizes to (default: the checkpoint's)")
-    p.add_argument("--max-size", type=int, help="longer side cap (default: the checkpoint's)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--bf16", action="store_true",
                    help="run the backbone in bfloat16 where the device supports it (CPUs with AMX/AVX512-BF16, "
                         "Ampere+ GPUs); detections move slightly (backbones.BF16_TOLERANCE)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the backbone + FPN (the first images pay the compilation)")
+    add_detector_flags(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    overrides = {"kind": args.detector, "backbone": args.backbone, "variant": args.variant,
-                 "min_size": args.min_size, "max_size": args.max_size}
+    overrides = detector_overrides(args)
     try:
         records = infer_images(args.weights, args.images, args.output_dir, args.score_thresh, overrides, args.device,
                                bf16=args.bf16, compile=args.compile, onnx=args.onnx, frame_stride=args.frame_stride,
