@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import importlib
+import json
 import logging
 import pickle
 import re
@@ -26,6 +27,8 @@ __all__ = [
     "compare_state_dicts",
     "read_file",
     "read_checkpoint",
+    "read_metadata",
+    "read_run_file",
     "load_weights",
     "load_state_dict_checked",
 ]
@@ -100,6 +103,43 @@ def read_file(path: Union[str, Path], map_location: Union[str, torch.device] = "
     except Exception as e:  # noqa: BLE001 - corrupt bytes surface as EOFError, KeyError, OSError, RuntimeError,
         # SafetensorError, ...: whatever the parser tripped on, the file is not a readable checkpoint.
         raise ValueError(f"cannot read checkpoint {path}: {_read_problem(path, e)}") from None
+
+
+def read_metadata(path: Union[str, Path]) -> dict[str, Any]:
+    """The header metadata of a ``.safetensors`` file, JSON values decoded (``{}`` for other files).
+
+    resdet's training tools store what rebuilds the model there (e.g. ``model_spec``, ``class_names``) as JSON
+    strings.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: the header is unreadable
+        raise ValueError(f"cannot read the header of {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                         ) from None
+    decoded: dict[str, Any] = {}
+    for key, value in raw.items():
+        try:
+            decoded[key] = json.loads(value)
+        except json.JSONDecodeError:
+            decoded[key] = value  # a plain string written by another tool
+    return decoded
+
+
+def read_run_file(path: Union[str, Path]) -> dict[str, Any]:
+    """A checkpoint file as a dict (:func:`read_file`); for a ``.safetensors`` file, its header's metadata with the
+    weights under ``"model"``, so both of resdet's final files (``model_final.pth``/``.safetensors``) read alike."""
+    state = read_file(path)
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
+    if Path(path).suffix == ".safetensors":
+        state = {**read_metadata(path), "model": state}
+    return state
 
 
 def _numpy_global(module: str, name: str) -> Callable[[], Any]:

@@ -4,6 +4,7 @@ from heads.detectors import VARIANTS, ClassAgnosticBoxPredictor, FasterRCNN, Mas
 from heads.export import DetectorForExport, export
 from heads.inputs import check_images, check_targets
 from heads.predictor import Predictor
+from heads.spec import build_from_spec, check_model_spec, load_detector
 from heads.weights import CLASS_SPECIFIC_PREFIXES, load_weights
 
 __all__ = [
@@ -12,6 +13,9 @@ __all__ = [
     "ClassAgnosticBoxPredictor",
     "build_detector",
     "load_weights",
+    "load_detector",
+    "build_from_spec",
+    "check_model_spec",
     "export",
     "Predictor",
     "DetectorForExport",

@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from heads.spec import load_detector
+
 __all__ = ["Predictor", "ImageInput"]
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray, Tensor]
@@ -42,27 +44,34 @@ class Predictor:
     """Run a detector on one or many images; returns per-image dicts with ``class_names`` added.
 
     Args:
-        model: a ``heads`` detector (put in eval mode and moved to ``device`` here); or None with ``onnx``.
+        model: a ``heads`` detector (put in eval mode and moved to ``device`` here), or the path of a checkpoint
+            ``heads.load_detector`` reads (resdet's, torchvision's, detectron2's), which rebuilds it; or None with
+            ``onnx``.
         onnx: path of a detector exported by ``heads.export`` / ``tools/export.py``, run in onnxruntime instead.
         device: where the eager model runs (default: cuda when available, else cpu); onnxruntime uses its CPU
             provider unless ``device`` is "cuda" and its CUDA provider is installed.
         score_thresh: detections scoring below this are dropped.
         class_names: name of each label 1..K (label 0 is the background); labels without a name are given as
-            their number. ``tools.engine.det_infer.load_predictor`` builds a Predictor from a checkpoint path with
-            the checkpoint's names.
+            their number. Default: the checkpoint's names when ``model`` is a path (torchvision's COCO names for a
+            91-class checkpoint without names), else none.
         batch_size: images per eager forward (the ONNX model takes one image at a time). A batch pads its images
             to a common size, as torchvision's and detectron2's detectors do, which moves detections slightly
             compared with one image per forward; 1 gives exactly the exported model's results.
 
+    Attributes:
+        info: for a checkpoint path, what ``heads.load_detector`` read besides the model (``label_to_cat_id``,
+            ``class_names``, ``model_spec``); else None.
+
     Example:
-        >>> predictor = Predictor(model, score_thresh=0.5, class_names=["cat", "dog"])
+        >>> predictor = Predictor("output/model_final.safetensors", score_thresh=0.5)
+        >>> predictor = Predictor(model, class_names=["cat", "dog"])
         >>> predictor("street.jpg")["class_names"]
         >>> predictor([frame_bgr_uint8], bgr=True)[0]["boxes"]
     """
 
     def __init__(
         self,
-        model: Optional[nn.Module] = None,
+        model: Optional[nn.Module | str | Path] = None,
         *,
         onnx: Optional[str | Path] = None,
         device: Optional[str | torch.device] = None,
@@ -78,8 +87,12 @@ class Predictor:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.score_thresh, self.batch_size = score_thresh, batch_size
+        self.model, self.session, self.info = None, None, None
+        if isinstance(model, (str, Path)):
+            model, self.info = load_detector(model)
+            if class_names is None:
+                class_names = self.info["class_names"]
         self.class_names = list(class_names) if class_names is not None else None
-        self.model, self.session = None, None
         if model is not None:
             self.model = model.eval().to(self.device)
         else:

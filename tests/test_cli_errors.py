@@ -224,10 +224,10 @@ def det_weights(coco_shapes, tmp_path_factory) -> Path:
     from tools.engine.checkpoint import export_weights
     from tools.engine.config import load_config
     from tools.engine.det_config import DetTrainConfig, model_spec
-    from tools.engine.det_model import build_model
+    from heads.spec import build_from_spec
 
     spec = model_spec(load_config(DetTrainConfig, None, DET_TINY), num_classes=4)
-    return export_weights(build_model(spec), tmp_path_factory.mktemp("w") / "det.safetensors",
+    return export_weights(build_from_spec(spec), tmp_path_factory.mktemp("w") / "det.safetensors",
                           metadata={"model_spec": json.dumps(spec)})
 
 
@@ -251,10 +251,11 @@ def test_infer_never_writes_over_an_input_or_an_existing_file(coco_shapes, det_w
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in before} == before  # nothing replaced
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["photo.png", "photo_1.png", "photo_2.png", "photo_3.png", "photo_4.png",  # the input, then 2 runs x 2 images
-         "photo.json", "photo_1.json", "photo_2.json", "photo_3.json",  # one JSON per image and run
+         "photo_1.json", "photo_2.json", "photo_3.json", "photo_4.json",  # one JSON per image and run, named as its PNG
          "detections.json", "detections_1.json", "detections_2.json", "results.json", "results_1.json"])
     records = json.loads((out / "detections_1.json").read_text())
     assert [r["output"] for r in records] == [str(out / "photo_1.png"), str(out / "photo_2.png")]
+    assert [r["json"] for r in records] == [str(out / "photo_1.json"), str(out / "photo_2.json")]
 
 
 # ----------------------------------------------------------------------------- configs and stored model specs

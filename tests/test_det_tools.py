@@ -14,7 +14,7 @@ from tools import eval_coco, infer
 from tools.engine.coco_eval import METRIC_NAMES
 from tools.engine.config import load_config
 from tools.engine.det_config import DetTrainConfig
-from tools.engine.det_model import load_detector
+from heads.spec import load_detector
 from tools.engine.det_train import train
 from tools.engine.visualize import draw_detections, save_grid
 from tools.reference_models import TINY_DET_TRAINING

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tools.engine.checkpoint import CheckpointManager, load_checkpoint, load_metadata
+from backbones.weights import read_metadata
+from tools.engine.checkpoint import CheckpointManager, load_checkpoint
 from tools.engine.config import load_config
 from tools.engine.det_config import DetTrainConfig, build_config
 from tools.engine.det_train import train
@@ -171,7 +172,7 @@ def test_keep_best_keeps_the_highest_scoring_weights(shapes, tmp_path):
     best_step = max(scores, key=lambda s: (scores[s], -s))  # the first evaluation reaching the maximum
     best = load_checkpoint(tmp_path / "model_best.pth")
     assert best["best"] == {"metric": "bbox/AP50", "value": pytest.approx(scores[best_step]), "iteration": best_step}
-    assert load_metadata(tmp_path / "model_best.safetensors")["best"]["iteration"] == best_step
+    assert read_metadata(tmp_path / "model_best.safetensors")["best"]["iteration"] == best_step
     assert "model_spec" in best and "class_names" in best
     # Checkpoints carry it, so a resumed run compares against it.
     assert load_checkpoint(CheckpointManager(tmp_path).path_for(4))["best"] == best["best"]
@@ -201,7 +202,7 @@ def test_modern_recipe_is_adamw_cosine_lsj_ema_and_its_command_trains_at_its_lr(
     import re
 
     from tools.engine.det_config import model_spec
-    from tools.engine.det_model import build_model
+    from heads.spec import build_from_spec
 
     path = Path(__file__).resolve().parents[1] / "configs" / "faster_rcnn_R50_FPN_modern.yaml"
     cfg, _ = build_config(path)
@@ -210,7 +211,7 @@ def test_modern_recipe_is_adamw_cosine_lsj_ema_and_its_command_trains_at_its_lr(
     run = re.search(r"--nproc_per_node (\d+) tools/train_det.py --config (\S+)", path.read_text())
     assert run[2] == "configs/faster_rcnn_R50_FPN_modern.yaml" and int(run[1]) * cfg.batch_size == cfg.base_batch_size
     with torch.device("meta"):
-        model = build_model(model_spec(cfg, num_classes=81))
+        model = build_from_spec(model_spec(cfg, num_classes=81))
     assert model.transform.min_size == (1024,) and model.transform.max_size == 1024  # the LSJ squares as they are
 
 

@@ -22,7 +22,7 @@ from tools.engine.config import load_config
 from tools.engine.det_config import DetTrainConfig, model_spec
 from tools.engine.det_eval import evaluate, write_eval
 from tools.engine.det_loader import build_det_loader
-from tools.engine.det_model import build_model
+from heads.spec import build_from_spec
 from tools.engine.plots import plot_pr_curves
 from tools.engine.shapes import make_shapes_coco
 from tools.reference_models import TINY_DETECTOR
@@ -166,7 +166,7 @@ def test_evaluation_during_training_writes_per_category_and_curves(paths, tmp_pa
     cfg = load_config(DetTrainConfig, None, {**TINY_DETECTOR, "min_sizes": [48], "max_size": 64, "workers": 0,
                                              **{k: str(v) for k, v in paths.items()}})
     torch.manual_seed(0)
-    model = build_model(model_spec(cfg, num_classes=5))
+    model = build_from_spec(model_spec(cfg, num_classes=5))
     val_set = CocoDetection(paths["val_images"], paths["val_ann"], None)
     loader = build_det_loader(val_set, 4, train=False, workers=0)
     evaluation, results = evaluate(model, loader, val_set, torch.device("cpu"))

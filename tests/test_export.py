@@ -14,7 +14,7 @@ from heads.postprocess import grouped_nms
 import heads
 from tools import export as export_tool
 from tools.engine.deploy import match_detections
-from tools.engine.det_model import build_model
+from heads.spec import build_from_spec
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -40,7 +40,7 @@ def exported(tmp_path_factory):
     """The tiny model, with the score threshold set so that one image (put first) has no detection, traced once
     and written as ONNX and pt2."""
     torch.manual_seed(0)
-    model = build_model(SPEC).eval()
+    model = build_from_spec(SPEC).eval()
     with torch.no_grad():
         scored = sorted((float(model([image])[0]["scores"].max()), i, image) for i, image in enumerate(_images()))
     # Random weights: the gap between the two lowest best scores is checked, not assumed.
@@ -143,7 +143,7 @@ def checkpoint(tmp_path) -> Path:
     torch.manual_seed(0)
     spec = {**SPEC, "kind": "faster_rcnn"}
     path = tmp_path / "model_final.pth"
-    torch.save({"model": build_model(spec).state_dict(), "model_spec": spec, "class_names": list("abcd")}, path)
+    torch.save({"model": build_from_spec(spec).state_dict(), "model_spec": spec, "class_names": list("abcd")}, path)
     return path
 
 
@@ -187,7 +187,7 @@ def test_export_tool_writes_a_pt2_detector(checkpoint, tmp_path, capsys):
 @pytest.mark.slow  # R50-FPN at 800 px: export and three runs of two images (a few minutes on 2 cores)
 def test_r50_mask_rcnn_onnx_and_pt2_reproduce_eager(tmp_path):
     torch.manual_seed(0)
-    model = build_model({"kind": "mask_rcnn", "backbone": "resnet50", "num_classes": 91,
+    model = build_from_spec({"kind": "mask_rcnn", "backbone": "resnet50", "num_classes": 91,
                          "options": {"box_score_thresh": 0.0, "box_detections_per_img": 50}}).eval()
     # Random mask logits sit near 0, at the 0.5 cut, where float rounding flips whole masks: sharpened. What still
     # differs (about 1 detection in 100): a box within 1e-3 px of an FPN level boundary pools from the other level,

@@ -12,7 +12,7 @@ from PIL import Image
 import heads
 from tools import infer
 from tools.engine.det_infer import expand_inputs
-from tools.engine.det_model import build_model
+from heads.spec import build_from_spec
 
 SPEC = {
     "kind": "mask_rcnn", "backbone": "resnet18", "num_classes": 4, "variant": "v1", "pretrained_backbone": False,
@@ -26,7 +26,7 @@ NAMES = ["circle", "square", "triangle"]
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return build_model(SPEC).eval()
+    return build_from_spec(SPEC).eval()
 
 
 def _rgb(seed: int, size=(48, 64)) -> np.ndarray:
@@ -50,6 +50,30 @@ def test_predictor_takes_paths_pil_numpy_bgr_and_tensors_alike(model, tmp_path):
         assert result["class_names"] == [NAMES[label - 1] for label in result["labels"].tolist()]
     strict = heads.Predictor(model, device="cpu", score_thresh=float(results[0]["scores"].max()) + 1e-6)(rgb)
     assert len(strict["scores"]) == 0 and strict["class_names"] == []
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_predictor_from_a_checkpoint_path_rebuilds_the_model_with_its_names(model, tmp_path, suffix):
+    from tools.engine.checkpoint import export_weights
+
+    path = tmp_path / f"model_final{suffix}"
+    if suffix == ".safetensors":  # what train_det writes: the spec and names in the header
+        export_weights(model, path, metadata={"model_spec": json.dumps(SPEC), "class_names": json.dumps(NAMES)})
+    else:
+        torch.save({"model": model.state_dict(), "model_spec": SPEC, "class_names": NAMES}, path)
+    image = _rgb(3)
+    from_path = heads.Predictor(path, device="cpu", score_thresh=0.0)
+    expected = heads.Predictor(model, device="cpu", score_thresh=0.0)(image)
+    got = from_path(image)
+    assert len(expected["labels"]) > 0
+    torch.testing.assert_close(got["boxes"], expected["boxes"])
+    torch.testing.assert_close(got["masks"], expected["masks"])
+    assert got["class_names"] == [NAMES[label - 1] for label in expected["labels"].tolist()]
+    assert from_path.info["model_spec"]["kind"] == "mask_rcnn"
+    renamed = heads.Predictor(path, device="cpu", score_thresh=0.0, class_names=["a", "b", "c"])(image)
+    assert renamed["class_names"] == [["a", "b", "c"][label - 1] for label in expected["labels"].tolist()]
+    with pytest.raises(FileNotFoundError):
+        heads.Predictor(tmp_path / "missing.pth")
 
 
 def test_predictor_rejects_bad_arguments(model):
@@ -85,6 +109,8 @@ def test_infer_reads_folders_globs_and_videos_and_never_overwrites(model, tmp_pa
     out = tmp_path / "out"
     out.mkdir()
     (out / "one.png").write_text("an earlier file")
+    (out / "two_1.json").write_text("an earlier record")
+    (out / "two.png").write_text("another earlier file")
     assert expand_inputs([photos, str(tmp_path / "*.mp4")]) == [photos / "one.png", photos / "sub" / "two.jpg",
                                                                   tmp_path / "clip.mp4"]
     assert infer.main([str(photos), str(tmp_path / "*.mp4"), "--weights", str(weights), "--output-dir", str(out),
@@ -93,6 +119,11 @@ def test_infer_reads_folders_globs_and_videos_and_never_overwrites(model, tmp_pa
     assert [(Path(r["image"]).name, r.get("frame")) for r in records] == [
         ("one.png", None), ("two.jpg", None), ("clip.mp4", 0), ("clip.mp4", 2), ("clip.mp4", 4)]
     assert (out / "one.png").read_text() == "an earlier file" and records[0]["output"] == str(out / "one_1.png")
+    # An image's picture and record share the first name free for both; the files there are untouched.
+    assert records[0]["json"] == str(out / "one_1.json") and not (out / "one.json").exists()
+    assert (records[1]["output"], records[1]["json"]) == (str(out / "two_2.png"), str(out / "two_2.json"))
+    assert (out / "two.png").read_text() == "another earlier file"
+    assert (out / "two_1.json").read_text() == "an earlier record" and not (out / "two_1.png").exists()
     assert records[2]["output"] == str(out / "clip_f000000.png")
     for record in records:
         assert json.loads(Path(record["json"]).read_text()) == record

@@ -81,7 +81,7 @@ def _tiny_det(data: dict, out: Path, **overrides) -> det_train.DetTrainConfig:
 
 def _spiking_build(monkeypatch, spike_at: set[int], factor: float) -> None:
     """Multiply the training loss of the given forward calls (1-based) by ``factor``."""
-    real_build = det_train.build_model
+    real_build = det_train.build_from_spec
 
     def build(spec):
         model = real_build(spec)
@@ -98,7 +98,7 @@ def _spiking_build(monkeypatch, spike_at: set[int], factor: float) -> None:
         model.forward = spiking_forward
         return model
 
-    monkeypatch.setattr(det_train, "build_model", build)
+    monkeypatch.setattr(det_train, "build_from_spec", build)
 
 
 def test_det_spike_rolls_back_halves_lr_and_finishes(coco_shapes, tmp_path, monkeypatch, caplog):

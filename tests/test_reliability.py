@@ -286,7 +286,7 @@ def _det_spec(**overrides) -> dict:
 def test_train_det_reads_and_writes_safetensors(flag, coco_shapes, det_yaml, tmp_path):
     start = tmp_path / "start.safetensors"
     if flag == "--weights":
-        source = randomize_norm_stats(det_train.build_model(_det_spec(weights="x")), seed=5)
+        source = randomize_norm_stats(det_train.build_from_spec(_det_spec(weights="x")), seed=5)
         export_weights(source, start)
         expected = source.state_dict()
     else:
@@ -334,7 +334,7 @@ def test_annotation_file_names_cannot_leave_the_images_folder(coco_shapes, det_y
         assert img["file_name"].startswith("..")
     escaping = tmp_path / "escaping.json"
     escaping.write_text(json.dumps(data))
-    weights = export_weights(det_train.build_model(_det_spec()), tmp_path / "det.safetensors",
+    weights = export_weights(det_train.build_from_spec(_det_spec()), tmp_path / "det.safetensors",
                              metadata={"model_spec": json.dumps(_det_spec())})
     data_args = ["--train-images", str(images_dir), "--train-ann", str(escaping),
                  "--val-images", str(images_dir), "--val-ann", str(escaping)]

@@ -18,7 +18,7 @@ from tools.engine import det_train
 from tools.engine.coco_eval import METRIC_NAMES
 from tools.engine.config import load_config
 from tools.engine.det_config import DetTrainConfig, build_config, model_spec
-from tools.engine.det_model import build_model
+from heads.spec import build_from_spec
 from tools.engine.det_train import WarmupMultiStep, train
 from tools.reference_models import TINY_DET_TRAINING, randomize_norm_stats
 
@@ -86,7 +86,7 @@ def test_recipe_is_what_its_name_header_and_command_say(name):
     assert run[2] == f"configs/{name}" and run[3] == depth  # its own file, ImageNet weights of its backbone
     assert int(run[1]) * cfg.batch_size == cfg.base_batch_size  # so the command trains at base_lr, unscaled
     with torch.device("meta"):  # built without allocating: the spec holds only options the model takes
-        model = build_model(model_spec(cfg, num_classes=81))
+        model = build_from_spec(model_spec(cfg, num_classes=81))
     assert model.roi_heads.has_mask() == (kind == "mask_rcnn")
 
 
@@ -176,7 +176,7 @@ def test_pretrained_classification_checkpoint_loads_into_backbone(tmp_path):
 
     cfg = load_config(DetTrainConfig, None, {**TINY_DET_TRAINING, "backbone_options": {},
                                              "pretrained": str(tmp_path / "model_final.pth")})
-    model = build_model(model_spec(cfg, 4))
+    model = build_from_spec(model_spec(cfg, 4))
     det_train.load_start_weights(model, cfg.pretrained, cfg.weights)
     body = model.backbone.body.state_dict()
     compared = 0
@@ -195,8 +195,8 @@ def test_pretrained_classification_checkpoint_loads_into_backbone(tmp_path):
 
 def test_detector_weights_with_other_class_count_skip_the_predictor(caplog):
     cfg = load_config(DetTrainConfig, None, TINY_DET_TRAINING)
-    source = build_model(model_spec(cfg, 6))
-    target = build_model(model_spec(cfg, 4))
+    source = build_from_spec(model_spec(cfg, 6))
+    target = build_from_spec(model_spec(cfg, 4))
     with caplog.at_level(logging.WARNING):
         det_train.load_start_weights(target, None, source.state_dict())
     assert "another number of classes" in caplog.text

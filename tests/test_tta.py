@@ -16,7 +16,7 @@ from tools.engine.coco_results import validate_results
 from tools.engine.config import load_config
 from tools.engine.det_config import DetTrainConfig, model_spec
 from tools.engine.det_eval import evaluate_checkpoint
-from tools.engine.det_model import build_model
+from heads.spec import build_from_spec
 from tools.engine.det_train import train
 from tools.engine.det_tta import Augmentation, DetectorWithTTA, TTASettings, hflip_boxes
 from tools.engine.shapes import make_shapes_coco
@@ -39,7 +39,7 @@ def shapes(tmp_path_factory) -> dict:
 def mask_rcnn(shapes) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = load_config(DetTrainConfig, None, {**TINY, **shapes, "detector": "mask_rcnn"})
-    return build_model(model_spec(cfg, num_classes=4)).eval()
+    return build_from_spec(model_spec(cfg, num_classes=4)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_flip_and_sizes_are_symmetric_in_the_mirrored_image(mask_rcnn, images):
 def test_faster_rcnn_one_view_equals_plain_inference_and_flip_adds_views(shapes, images):
     torch.manual_seed(0)
     cfg = load_config(DetTrainConfig, None, {**TINY, **shapes, "detector": "faster_rcnn"})
-    model = build_model(model_spec(cfg, num_classes=4)).eval()
+    model = build_from_spec(model_spec(cfg, num_classes=4)).eval()
     with torch.no_grad():
         plain = model(images)
         one_view = DetectorWithTTA(model, TTASettings(sizes=(48,), flip=False))(images)

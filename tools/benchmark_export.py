@@ -57,7 +57,7 @@ def _build(args: argparse.Namespace) -> torch.nn.Module:
             raise ValueError(f"--model must be one of {list(backbones.FACTORIES)}, got {args.model!r}")
         return backbones.FACTORIES[args.model]().eval()
     if args.weights is not None:
-        from tools.engine.det_model import load_detector
+        from heads.spec import load_detector
 
         return load_detector(args.weights, {"kind": args.detector})[0]
     # Random weights detect nothing at the default score threshold; 0.0 keeps the full post-processing load.

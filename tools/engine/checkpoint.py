@@ -16,7 +16,6 @@ Example::
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import random
@@ -38,13 +37,11 @@ from tools.engine.faults import crash_point
 __all__ = [
     "save_checkpoint",
     "load_checkpoint",
-    "load_run_file",
     "CheckpointManager",
     "get_rng_state",
     "set_rng_state",
     "restore_training_state",
     "export_weights",
-    "load_metadata",
     "UnsafeCheckpointError",
 ]
 
@@ -130,14 +127,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-
-def load_run_file(path: str | Path) -> dict[str, Any]:
-    """A checkpoint (:func:`load_checkpoint`), or for a ``.safetensors`` file its header's metadata (what the
-    training tools store to rebuild the model) with the weights under ``"model"``."""
-    state = load_checkpoint(path)
-    if Path(path).suffix == ".safetensors":
-        state = {**load_metadata(path), "model": state}
-    return state
 
 class CheckpointManager:
     """Rotating checkpoints ``OUTPUT_DIR/model_{iteration:07d}.pth`` plus ``model_final.pth``, of one run.
@@ -377,26 +366,3 @@ def export_weights(
     else:
         raise ValueError(f"unknown weights file type {path.suffix!r} for {path}; use .safetensors, .pth, .pt or .bin")
     return path
-
-
-def load_metadata(path: str | Path) -> dict[str, Any]:
-    """The header metadata of a ``.safetensors`` file, JSON values decoded (``{}`` for other files).
-
-    The training tools store what rebuilds the model there (e.g. ``model_spec``) as JSON strings.
-    """
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        return {}
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: the header is unreadable
-        raise ValueError(f"cannot read the header of {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-                         ) from None
-    decoded: dict[str, Any] = {}
-    for key, value in raw.items():
-        try:
-            decoded[key] = json.loads(value)
-        except json.JSONDecodeError:
-            decoded[key] = value  # a plain string written by another tool
-    return decoded

@@ -15,7 +15,8 @@ from typing import Any, Literal
 from torch import nn
 
 import backbones
-from tools.engine.config import bounds, check_options, keyword_hints, load_config, rescale_schedule
+from backbones.options import check_options, keyword_hints
+from tools.engine.config import bounds, load_config, rescale_schedule
 
 __all__ = ["ClsTrainConfig", "build_config", "check_model_options", "build_model"]
 

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import backbones
-from tools.engine.checkpoint import load_run_file
+from backbones.weights import read_run_file
 from tools.engine.cls_config import ClsTrainConfig, build_model, check_model_options
 from tools.engine.cls_data import EXPECTED_LAYOUT, build_transforms, eval_loader, image_folder
 from tools.engine.config import load_config
@@ -83,7 +83,7 @@ def evaluate_checkpoint(
     ``image_size``, ``crop_pct`` and ``interpolation`` default to the values stored in our
     checkpoints, else 224 / 0.875 / bilinear (torchvision's ImageNet evaluation).
     """
-    state = load_run_file(weights)
+    state = read_run_file(weights)
     # What the checkpoint says about its model and evaluation goes through the config's checks first.
     stored = {key: state.get(source) for key, source in (("model", "model_name"), ("model_options", "model_options"),
               ("image_size", "image_size"), ("crop_pct", "crop_pct"), ("interpolation", "interpolation"))}

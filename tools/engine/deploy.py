@@ -14,9 +14,9 @@ from torchvision.ops import box_iou
 import backbones
 import heads
 from heads.export import FORMATS
-from tools.engine.checkpoint import load_run_file
+from backbones.weights import read_run_file
 from tools.engine.cls_config import build_model, check_model_options
-from tools.engine.det_model import load_detector
+from heads.spec import load_detector
 
 __all__ = ["load_classifier", "export_checkpoint", "match_detections"]
 
@@ -30,7 +30,7 @@ def load_classifier(name: str, weights: str | Path, num_classes: Optional[int] =
     """A ``backbones`` ResNet classifier (class count read from the checkpoint's ``fc`` unless given; our
     checkpoints' ``model_options`` applied) or, with ``features``, its c2..c5 feature extractor, with the
     checkpoint's weights; eval mode."""
-    raw = load_run_file(weights)
+    raw = read_run_file(weights)
     options = check_model_options(name, raw.get("model_options") or {})
     try:
         state = backbones.read_checkpoint(raw)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from tools.engine.coco_dataset import lsj_detector_options
 from tools.engine.coco_eval import METRIC_NAMES
 from tools.engine.config import bounds, load_config, rescale_schedule
-from tools.engine.det_model import check_model_spec
+from heads.spec import check_model_spec
 from tools.engine.runner import on_main_first
 
 __all__ = ["DetTrainConfig", "DET_WARMUP_FLOOR", "build_config", "check_config", "best_metric", "model_spec", "dataset_paths"]

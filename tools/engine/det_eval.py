@@ -20,7 +20,8 @@ from tools.engine.coco_eval import CocoEvaluation, evaluate_coco_details, write_
 from tools.engine.coco_results import check_result_masks, detections_to_coco_results, load_results, results_have_segm
 from tools.engine.det_config import DetTrainConfig, dataset_paths
 from tools.engine.det_loader import build_det_loader
-from tools.engine.det_model import for_inference, load_detector
+from heads.spec import load_detector
+from tools.engine.det_model import for_inference
 from tools.engine.det_tta import DetectorWithTTA, TTASettings
 from tools.engine.distributed import all_gather_object, is_main_process
 from tools.engine.faults import crash_point

@@ -15,7 +15,8 @@ from tqdm import tqdm
 import heads
 from tools.engine.coco_dataset import load_rgb_image
 from tools.engine.coco_results import detections_to_coco_results
-from tools.engine.det_model import for_inference, load_detector
+from heads.spec import load_detector
+from tools.engine.det_model import for_inference
 from tools.engine.runner import default_device
 from tools.engine.visualize import draw_detections, save_grid
 
@@ -133,8 +134,8 @@ def infer_images(
 
     Nothing that exists is ever written over, inputs included: a name already taken (by an input
     inside ``OUTPUT_DIR``, an earlier run's output, another image of the same name) gets the first
-    free suffix, ``<stem>_1.png``, ``<stem>_2.png``, ... (``detections_1.json``, ...); each record's
-    ``"output"`` and the returned list say which file is whose.
+    free suffix, ``<stem>_1.png``, ``<stem>_2.png``, ... (``detections_1.json``, ...); an image's PNG and JSON
+    always share their name, and each record's ``"output"`` and ``"json"`` say which files are whose.
     """
     if not 0.0 <= score_thresh <= 1.0:
         raise ValueError(f"score_thresh must be in [0, 1], got {score_thresh}")
@@ -150,7 +151,7 @@ def infer_images(
     for image_id, (path, frame, image) in enumerate(bar, start=1):
         det = predictor(image)
         stem = path.stem if frame is None else f"{path.stem}_f{frame:06d}"
-        png = _new_file(out, stem, ".png")
+        png, json_path = _new_files(out, stem, (".png", ".json"))
         tensors = {key: value for key, value in det.items() if isinstance(value, torch.Tensor)}
         save_grid([draw_detections(image, tensors, names, score_thresh)], png)
         detections = [
@@ -159,15 +160,14 @@ def infer_images(
             for box, score, label, name in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist(),
                                                det["class_names"])
         ]
-        json_path = _new_file(out, stem, ".json")
         record = {"image": str(path), **({} if frame is None else {"frame": frame}), "image_id": image_id,
                   "output": str(png), "json": str(json_path), "detections": detections}
         json_path.write_text(json.dumps(record, indent=2) + "\n")
         results += detections_to_coco_results([tensors], [image_id], mapping or _identity(det["labels"]))
         records.append(record)
     bar.close()
-    _new_file(out, "detections", ".json").write_text(json.dumps(records, indent=2) + "\n")
-    _new_file(out, "results", ".json").write_text(json.dumps(results) + "\n")
+    _new_files(out, "detections", (".json",))[0].write_text(json.dumps(records, indent=2) + "\n")
+    _new_files(out, "results", (".json",))[0].write_text(json.dumps(results) + "\n")
     return records
 
 
@@ -176,17 +176,25 @@ def _identity(labels: torch.Tensor) -> dict[int, int]:
     return {int(label): int(label) for label in labels.tolist()} or {0: 0}
 
 
-def _new_file(folder: Path, stem: str, suffix: str) -> Path:
-    """Create and return ``folder/<stem><suffix>``, or the first of ``<stem>_1<suffix>``, ... that does not exist.
+def _new_files(folder: Path, stem: str, suffixes: Sequence[str]) -> list[Path]:
+    """Create and return ``folder/<stem><suffix>`` for every suffix, or for the first ``<stem>_1``, ``<stem>_2``, ...
+    under which none of them exists, so that files that belong together share a name.
 
     Created with O_EXCL, so an existing file (an input, an earlier run's output) or a link is never written
-    through, even if it appears while the names are tried.
+    through, even if it appears while the names are tried; an attempt that finds one taken removes only the files
+    it created itself.
     """
-    path, k = folder / f"{stem}{suffix}", 0
+    k = 0
     while True:
+        name = stem if k == 0 else f"{stem}_{k}"
+        created: list[Path] = []
         try:
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-            return path
+            for suffix in suffixes:
+                path = folder / f"{name}{suffix}"
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+                created.append(path)
+            return created
         except FileExistsError:
+            for path in created:
+                path.unlink()
             k += 1
-            path = folder / f"{stem}_{k}{suffix}"

@@ -13,7 +13,7 @@ train-time resize and the RPN/RoI sampling.
 
 A checkpoint also records how to rebuild its model (``"model_spec"``: detector kind, backbone,
 variant, classes, options) and the dataset's labels (``"label_to_cat_id"``, ``"class_names"``),
-so :func:`tools.engine.det_model.load_detector` (used by ``tools/eval_coco.py`` and ``tools/infer.py``)
+so ``heads.load_detector`` (used by ``tools/eval_coco.py`` and ``tools/infer.py``)
 needs no flags.
 
 Example::
@@ -46,7 +46,8 @@ from tools.engine.copy_paste import CopyPaste
 from tools.engine.det_config import DetTrainConfig, best_metric, build_config, check_config, dataset_paths, model_spec
 from tools.engine.det_eval import evaluate, evaluate_config, prediction_grid, write_eval
 from tools.engine.det_loader import InfiniteBatches, build_det_loader
-from tools.engine.det_model import build_model, load_start_weights
+from heads.spec import build_from_spec
+from tools.engine.det_model import load_start_weights
 from tools.engine.distributed import DistInfo
 from tools.engine.logger import progress
 from tools.engine.plots import plot_curves
@@ -182,7 +183,7 @@ def _train(cfg: DetTrainConfig, info: DistInfo, resume: bool, overwrite: bool) -
     check_config(cfg)
     data = _datasets(cfg)
     spec = model_spec(cfg, len(data.class_names) + 1)
-    runner = Runner(cfg, info, build_model(spec), grad_accum=cfg.grad_accum)
+    runner = Runner(cfg, info, build_from_spec(spec), grad_accum=cfg.grad_accum)
     found = runner.find_checkpoint(resume, overwrite)
     if found is None:
         load_start_weights(runner.model, cfg.pretrained, cfg.weights, verbose=runner.main)
