@@ -10,7 +10,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from tools import eval_coco
+from tools import eval_coco, train_det
 from tools.engine.coco_eval import METRIC_NAMES
 from tools.engine.coco_results import validate_results
 from tools.engine.config import load_config
@@ -229,3 +229,18 @@ def test_eval_coco_tta_needs_weights(shapes, tmp_path, capsys):
     assert eval_coco.main(["--results", str(results), "--val-ann", shapes["val_ann"], "--output-dir", str(tmp_path),
                            "--tta"]) == 2
     assert "--tta needs --weights" in capsys.readouterr().err
+
+
+def test_train_det_eval_only_takes_the_tta_flags(trained, shapes, tmp_path, capsys):
+    data = ["--weights", str(trained / "model_final.pth"), "--val-images", shapes["val_images"],
+            "--val-ann", shapes["val_ann"], "--workers", "0", "--device", "cpu"]
+    tta = ["--tta", "--tta-sizes", "40", "56"]
+    recipe = ["--train-images", shapes["train_images"], "--train-ann", shapes["train_ann"]]
+    assert train_det.main([*data, *recipe, "--output-dir", str(tmp_path / "train_det"), "--eval-only", *tta]) == 0
+    assert eval_coco.main([*data, "--output-dir", str(tmp_path / "eval_coco"), *tta]) == 0
+    by_tool = [json.loads((tmp_path / tool / "metrics.json").read_text()) for tool in ("train_det", "eval_coco")]
+    assert by_tool[0]["tta"]["augmentations"] == [[40, 53, False], [40, 53, True], [56, 75, False], [56, 75, True]]
+    assert by_tool[0] == by_tool[1]
+    capsys.readouterr()
+    assert train_det.main([*data, *recipe, "--output-dir", str(tmp_path / "train"), *tta]) == 2
+    assert "--tta needs --eval-only" in capsys.readouterr().err

@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # a script in the clone: only backbones and heads
 
 from tools.engine.det_eval import evaluate_checkpoint, score_results_file
 from tools.engine.det_model import add_detector_flags, detector_overrides
-from tools.engine.det_tta import TTASettings
+from tools.engine.det_tta import add_tta_flags, tta_settings
 from tools.engine.errors import USER_ERRORS, report
 
 
@@ -49,31 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.compile the backbone + FPN (the first images pay the compilation)")
     p.add_argument("--allow-outside-root", action="store_true",
                    help="accept annotation file_names that are absolute or leave the images folder through '..'")
-    tta = p.add_argument_group("test-time augmentation (with --weights)")
-    tta.add_argument("--tta", action="store_true",
-                     help="run every test size with and without horizontal flip; merge boxes per class by NMS and "
-                          "average the masks of the merged boxes")
-    tta.add_argument("--tta-sizes", type=int, nargs="*", metavar="PIXELS",
-                     help="shorter sides to test at (default: 0.75, 1 and 1.25 x the model's test size)")
-    tta.add_argument("--tta-max-size", type=int, metavar="PIXELS",
-                     help="longer side cap at every size (default: the model's cap scaled with each size)")
-    tta.add_argument("--no-tta-flip", action="store_true", help="sizes only, no flipped views")
+    add_tta_flags(p)
     add_detector_flags(p)
     return p.parse_args(argv)
-
-
-def tta_settings(args: argparse.Namespace) -> TTASettings | None:
-    """The ``--tta*`` flags as settings; None without ``--tta``. Raises ValueError for TTA flags without it."""
-    if not args.tta:
-        given = [flag for flag, value in (("--tta-sizes", args.tta_sizes), ("--tta-max-size", args.tta_max_size),
-                                          ("--no-tta-flip", args.no_tta_flip or None)) if value is not None]
-        if given:
-            raise ValueError(f"{', '.join(given)} {'need' if len(given) > 1 else 'needs'} --tta")
-        return None
-    if args.results is not None:
-        raise ValueError("--tta needs --weights (a results file is scored as it is)")
-    sizes = tuple(args.tta_sizes) if args.tta_sizes is not None else None
-    return TTASettings(sizes=sizes, flip=not args.no_tta_flip, max_size=args.tta_max_size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         tta = tta_settings(args)
+        if tta is not None and args.results is not None:
+            raise ValueError("--tta needs --weights (a results file is scored as it is)")
         if args.results is not None:
             score_results_file(args.results, args.val_ann, args.output_dir, args.allow_outside_root)
         else:

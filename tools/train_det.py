@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # a script in the clone: only backbones and heads
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools.engine.det_train import run_from_args
+from tools.engine.det_tta import add_tta_flags, tta_settings
 from tools.engine.errors import USER_ERRORS, report
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "shapes.yaml"
@@ -83,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in an --output-dir that holds another run's files, deleting them")
     p.add_argument("--eval-only", action="store_true", help="evaluate --weights (default: the run's model_final.pth)")
+    add_tta_flags(p)  # with --eval-only
     return p.parse_args(argv)
 
 
@@ -131,8 +133,11 @@ def main(argv: list[str] | None = None) -> int:
         "allow_outside_root": args.allow_outside_root,
     }
     try:
+        tta = tta_settings(args)
+        if tta is not None and not args.eval_only:
+            raise ValueError("--tta needs --eval-only (training evaluates without test-time augmentation)")
         metrics = run_from_args(config, overrides, resume=args.resume, eval_only=args.eval_only,
-                                overwrite=args.overwrite)
+                                overwrite=args.overwrite, tta=tta)
     except USER_ERRORS as e:
         return report(e)
     for iou_type, values in metrics.items():

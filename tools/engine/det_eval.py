@@ -100,10 +100,12 @@ def prediction_grid(model: nn.Module, dataset: CocoDetection, count: int, device
 
 
 
-def evaluate_config(cfg: DetTrainConfig, model_overrides: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
-    """``--eval-only``: evaluate a checkpoint on the recipe's validation set and write the results.
+def evaluate_config(cfg: DetTrainConfig, model_overrides: dict[str, Any] | None = None,
+                    tta: TTASettings | None = None) -> dict[str, dict[str, float]]:
+    """``--eval-only``: evaluate a checkpoint on the recipe's validation set and write the results (``tta``: as
+    :func:`evaluate_checkpoint`'s).
 
-    The model is rebuilt from the checkpoint (:func:`load_detector`; ``model_overrides`` replace
+    The model is rebuilt from the checkpoint (``heads.load_detector``; ``model_overrides`` replace
     what it says). The weights are ``cfg.weights`` when given, else ``OUTPUT_DIR/model_final.pth``, else the newest
     checkpoint in ``OUTPUT_DIR``. Writes ``coco_results.json`` and ``metrics.json`` there.
     """
@@ -116,7 +118,7 @@ def evaluate_config(cfg: DetTrainConfig, model_overrides: dict[str, Any] | None 
     paths = dataset_paths(cfg)
     return evaluate_checkpoint(weights, paths["val_images"], paths["val_ann"], out, model_overrides,
                                device=cfg.device, batch_size=cfg.batch_size, workers=cfg.workers,
-                               allow_outside_root=cfg.allow_outside_root)
+                               allow_outside_root=cfg.allow_outside_root, tta=tta)
 
 
 def _label_mapping(info: dict[str, Any], dataset: CocoDetection) -> dict[int, int]:

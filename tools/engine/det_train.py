@@ -48,6 +48,7 @@ from tools.engine.det_eval import evaluate, evaluate_config, prediction_grid, wr
 from tools.engine.det_loader import InfiniteBatches, build_det_loader
 from heads.spec import build_from_spec
 from tools.engine.det_model import load_start_weights
+from tools.engine.det_tta import TTASettings
 from tools.engine.distributed import DistInfo
 from tools.engine.logger import progress
 from tools.engine.plots import plot_curves
@@ -332,9 +333,10 @@ def _loop(cfg: DetTrainConfig, runner: Runner, net: nn.Module, batches: Infinite
 
 
 def run_from_args(config: str | Path | None, overrides: dict[str, Any], resume: bool = False,
-                  eval_only: bool = False, overwrite: bool = False) -> dict[str, dict[str, float]]:
-    """Build the config (logging schedule changes), then train or, with ``eval_only``, evaluate; the body of
-    ``tools/train_det.py``.
+                  eval_only: bool = False, overwrite: bool = False, tta: TTASettings | None = None
+                  ) -> dict[str, dict[str, float]]:
+    """Build the config (logging schedule changes), then train or, with ``eval_only``, evaluate (with test-time
+    augmentation when ``tta`` is given); the body of ``tools/train_det.py``.
 
     ``config=None`` with a dataset in ``overrides`` chooses the recipe's length, image sizes and RoI
     budget from the training set (:func:`tools.engine.auto_recipe.det_recipe`); given flags win.
@@ -356,5 +358,5 @@ def run_from_args(config: str | Path | None, overrides: dict[str, Any], resume: 
             model_overrides["min_size"] = max(given["min_sizes"])
         if "max_size" in given:
             model_overrides["max_size"] = given["max_size"]
-        return evaluate_config(cfg, model_overrides)
+        return evaluate_config(cfg, model_overrides, tta=tta)
     return train(cfg, resume=resume, overwrite=overwrite)
