@@ -5,8 +5,12 @@ import backbones
 from torch import nn
 
 from heads.detectors import VARIANTS, FasterRCNN, MaskRCNN
+from heads.detectron2 import build_detectron2_detector
 
-__all__ = ["build_detector", "DETECTORS", "RESNET_BACKBONES"]
+__all__ = ["build_detector", "DETECTORS", "RESNET_BACKBONES", "STYLES"]
+
+# Whose semantics a detector follows: torchvision's (its checkpoints) or detectron2's (its model zoo).
+STYLES = ("torchvision", "detectron2")
 
 DETECTORS: dict[str, type[FasterRCNN]] = {"faster_rcnn": FasterRCNN, "mask_rcnn": MaskRCNN}
 # name -> factory of every ResNet variant (resnet18 ... wide_resnet50_2), the backbones package's own table.
@@ -18,10 +22,11 @@ _FEATURES = ("c2", "c3", "c4", "c5")
 def build_detector(
     kind: str,
     backbone: str = "resnet50",
-    num_classes: int = 91,
+    num_classes: Optional[int] = None,
     variant: str = "v1",
     pretrained_backbone: bool = False,
     *,
+    style: str = "torchvision",
     backbone_options: Optional[dict[str, Any]] = None,
     fpn_options: Optional[dict[str, Any]] = None,
     **options: Any,
@@ -32,7 +37,13 @@ def build_detector(
         kind: "faster_rcnn" or "mask_rcnn".
         backbone: a key of RESNET_BACKBONES, or "timm:<model_name>" for a timm model (``backbones.TimmBackbone``;
             ImageNet weights via its ``checkpoint`` option).
-        num_classes: classes including background (91: COCO in torchvision's numbering).
+        num_classes: with style "torchvision", classes including background (default 91: COCO in torchvision's
+            numbering); with style "detectron2", foreground classes as detectron2's ``ROI_HEADS.NUM_CLASSES``
+            (default 80: COCO), so that a zoo config's number carries over. Labels are 1..K either way.
+        style: "torchvision" (torchvision's detectors and checkpoints) or "detectron2" (detectron2's semantics
+            and model zoo: ``heads.detectron2.build_detectron2_detector``, which takes ``backbone_options``,
+            ``fpn_options`` and ``**options``; ``variant`` must stay "v1", and ``pretrained_backbone`` changes
+            nothing: the backbone is FrozenBN with the stem and res2 frozen either way, as detectron2's).
         variant: "v1" or "v2" (FPN with BatchNorm, 2-conv RPN head, conv box/mask heads with BatchNorm), matching
             torchvision's ``*_resnet50_fpn`` and ``*_resnet50_fpn_v2``.
         pretrained_backbone: the backbone will start from pretrained weights (``backbones.load_weights`` or
@@ -47,7 +58,18 @@ def build_detector(
     Example:
         >>> model = build_detector("mask_rcnn", "resnet50", num_classes=91, pretrained_backbone=True)
         >>> load_weights(model, "maskrcnn_resnet50_fpn_coco.pth")
+        >>> zoo = build_detector("mask_rcnn", "resnet50", num_classes=80, style="detectron2")
+        >>> load_weights(zoo, "model_final_f10217.pkl")
     """
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {list(STYLES)}, got {style!r}")
+    if style == "detectron2":
+        if variant != "v1":
+            raise ValueError(f"variant {variant!r} does not apply to style='detectron2' (its heads are detectron2's; "
+                             "leave variant='v1')")
+        return build_detectron2_detector(kind, backbone, 80 if num_classes is None else num_classes,
+                                         backbone_options=backbone_options, fpn_options=fpn_options, **options)
+    num_classes = 91 if num_classes is None else num_classes
     if kind not in DETECTORS:
         raise ValueError(f"kind must be one of {sorted(DETECTORS)}, got {kind!r}")
     if variant not in VARIANTS:

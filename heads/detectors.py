@@ -108,6 +108,12 @@ class FasterRCNN(GeneralizedRCNN):
             1 FC box head), as torchvision's ``fasterrcnn_resnet50_fpn`` and ``_v2``; pair "v2" with an FPN
             built with ``norm="BN"``.
         class_agnostic_box_reg: one box regression for all classes instead of one per class.
+        transform: the module that normalises, resizes and batches the images and maps detections back
+            (default: ``BatchedGeneralizedRCNNTransform`` from ``min_size``, ``max_size``, ``image_mean``,
+            ``image_std``, ``size_divisibility``, which are then unused).
+        rpn_class, roi_heads_class: the RPN and RoI-heads classes, built with torchvision's constructor arguments
+            (default ``BatchedRegionProposalNetwork``, ``BatchedRoIHeads``; ``heads.detectron2`` has subclasses
+            with detectron2's rules).
         The remaining options keep torchvision's FasterRCNN names and defaults; parts passed as modules replace
         the defaults, which are built only when None.
 
@@ -155,6 +161,10 @@ class FasterRCNN(GeneralizedRCNN):
         box_batch_size_per_image: int = 512,
         box_positive_fraction: float = 0.25,
         bbox_reg_weights: Optional[tuple[float, float, float, float]] = None,
+        # parts with another framework's rules
+        transform: Optional[nn.Module] = None,
+        rpn_class: type[BatchedRegionProposalNetwork] = BatchedRegionProposalNetwork,
+        roi_heads_class: type[BatchedRoIHeads] = BatchedRoIHeads,
     ) -> None:
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(
@@ -184,7 +194,7 @@ class FasterRCNN(GeneralizedRCNN):
             rpn_head = RPNHead(
                 channels, rpn_anchor_generator.num_anchors_per_location()[0], conv_depth=2 if variant == "v2" else 1
             )
-        rpn = BatchedRegionProposalNetwork(
+        rpn = rpn_class(
             rpn_anchor_generator,
             rpn_head,
             rpn_fg_iou_thresh,
@@ -210,7 +220,7 @@ class FasterRCNN(GeneralizedRCNN):
         if box_predictor is None:
             predictor = ClassAgnosticBoxPredictor if class_agnostic_box_reg else FastRCNNPredictor
             box_predictor = predictor(_REPRESENTATION_SIZE, num_classes)
-        roi_heads = BatchedRoIHeads(
+        roi_heads = roi_heads_class(
             box_roi_pool,
             box_head,
             box_predictor,
@@ -224,13 +234,14 @@ class FasterRCNN(GeneralizedRCNN):
             box_detections_per_img,
         )
 
-        transform = BatchedGeneralizedRCNNTransform(
-            min_size,
-            max_size,
-            list(image_mean) if image_mean is not None else [0.485, 0.456, 0.406],
-            list(image_std) if image_std is not None else [0.229, 0.224, 0.225],
-            size_divisible=size_divisibility or backbone.size_divisibility or 1,
-        )
+        if transform is None:
+            transform = BatchedGeneralizedRCNNTransform(
+                min_size,
+                max_size,
+                list(image_mean) if image_mean is not None else [0.485, 0.456, 0.406],
+                list(image_std) if image_std is not None else [0.229, 0.224, 0.225],
+                size_divisible=size_divisibility or backbone.size_divisibility or 1,
+            )
         super().__init__(backbone, rpn, roi_heads, transform)
         self.num_classes = num_classes
         self.variant = variant

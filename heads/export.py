@@ -36,6 +36,7 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 
 from backbones.optimize import fold_norms_
 from heads.detectors import FasterRCNN
+from heads.detectron2 import Detectron2Transform
 from heads.postprocess import _resample_weights, grouped_nms
 
 __all__ = ["DetectorForExport", "Traced", "trace", "export", "FORMATS", "OPSET"]
@@ -125,6 +126,9 @@ class DetectorForExport(nn.Module):
         super().__init__()
         if not isinstance(model, FasterRCNN):
             raise ValueError(f"model must be a heads.FasterRCNN or heads.MaskRCNN, got {type(model).__name__}")
+        if isinstance(model.transform, Detectron2Transform):
+            raise ValueError("export writes torchvision-style detectors; a style='detectron2' detector (its resize, "
+                             "proposal and mask rules) is not supported yet")
         self.model = model
 
     def forward(self, image: Tensor) -> dict[str, Tensor]:

@@ -473,14 +473,17 @@ class MultiScaleRoIAlign(torchvision.ops.MultiScaleRoIAlign):
         canonical_level: int = 4,
         strides: Optional[Sequence[int]] = None,
         channels_last: bool = False,
+        aligned: bool = False,
     ) -> None:
         """Args as torchvision's, plus ``strides``: each level's declared stride, which fixes the scales up front
-        instead of inferring them from the first batch's padded size; and ``channels_last``: on the CPU path,
+        instead of inferring them from the first batch's padded size; ``channels_last``: on the CPU path,
         write the pooled features with channels-last strides (same values), which skips a transpose and suits a
-        convolutional head (Mask R-CNN's), while a head that flattens them (the box head) wants the default."""
+        convolutional head (Mask R-CNN's), while a head that flattens them (the box head) wants the default; and
+        ``aligned``: shift boxes by -0.5 pixel (``roi_align``'s ``aligned``, detectron2's ROIAlignV2)."""
         super().__init__(featmap_names, output_size, sampling_ratio, canonical_scale=canonical_scale,
                          canonical_level=canonical_level)
         self.channels_last = channels_last
+        self.aligned = aligned
         if strides is not None:
             if len(strides) != len(featmap_names):
                 raise ValueError(f"strides {list(strides)} must give one stride per level of {featmap_names}")
@@ -514,8 +517,24 @@ class MultiScaleRoIAlign(torchvision.ops.MultiScaleRoIAlign):
             levels = self.map_levels(boxes) if len(features) > 1 else None
             table = _sample_table(
                 _convert_to_roi_format(boxes).detach(), levels, self.scales, [f.shape for f in features],
-                self.output_size, self.sampling_ratio, False, _compute_dtype(features[0].dtype),
+                self.output_size, self.sampling_ratio, self.aligned, _compute_dtype(features[0].dtype),
             )
         if table is None:
+            if self.aligned:
+                return self._aligned_fallback(features, boxes)
             return super().forward(x, boxes, image_shapes)
         return _sparse_roi_align(features, table, self.output_size, self.channels_last)
+
+    def _aligned_fallback(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
+        """torchvision's ``roi_align(aligned=True)`` level by level (its module has no ``aligned`` option)."""
+        rois = _convert_to_roi_format(boxes)
+        if len(features) == 1:
+            return torchvision.ops.roi_align(features[0], rois, self.output_size, self.scales[0],
+                                             self.sampling_ratio, aligned=True)
+        levels = self.map_levels(boxes)
+        out = features[0].new_zeros((rois.shape[0], features[0].shape[1], *self.output_size))
+        for level, (feature, scale) in enumerate(zip(features, self.scales)):
+            index = torch.where(levels == level)[0]
+            out[index] = torchvision.ops.roi_align(feature, rois[index], self.output_size, scale,
+                                                   self.sampling_ratio, aligned=True)
+        return out

@@ -143,16 +143,28 @@ def _clip_to_images(boxes: Tensor, sizes: Tensor) -> Tensor:
     return torch.stack((x, y), dim=-1).flatten(-2)
 
 
-def _has_min_size(boxes: Tensor, min_size: float) -> Tensor:
-    """Mask of the boxes with both sides >= ``min_size`` (``torchvision.ops.remove_small_boxes``' rule)."""
-    return ((boxes[..., 2] - boxes[..., 0]) >= min_size) & ((boxes[..., 3] - boxes[..., 1]) >= min_size)
+def _has_min_size(boxes: Tensor, min_size: float, strict: bool = False) -> Tensor:
+    """Mask of the boxes with both sides >= ``min_size`` (``torchvision.ops.remove_small_boxes``' rule), or > it
+    with ``strict`` (detectron2's ``Boxes.nonempty``)."""
+    widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+    if strict:
+        return (widths > min_size) & (heights > min_size)
+    return (widths >= min_size) & (heights >= min_size)
 
 
 class BatchedRegionProposalNetwork(RegionProposalNetwork):
     """torchvision's ``RegionProposalNetwork`` with ``filter_proposals`` done for all images at once.
 
     Same constructor, attributes, training behaviour and results; see the module docstring.
+
+    Attributes (class-level, for subclasses that follow another framework's rules):
+        scores_are_logits: rank proposals (NMS and the per-image cut) and return them by objectness logits
+            instead of probabilities, which tie where the sigmoid saturates (detectron2's rule).
+        strict_min_size: keep boxes whose sides are > ``min_size`` instead of >= (detectron2's ``nonempty``).
     """
+
+    scores_are_logits: bool = False
+    strict_min_size: bool = False
 
     def _get_top_n_idx(self, objectness: Tensor, num_anchors_per_level: list[int]) -> Tensor:
         """torchvision's per-level top-k, with ``torch.sym_min`` so that export keeps the level sizes symbolic."""
@@ -175,7 +187,8 @@ class BatchedRegionProposalNetwork(RegionProposalNetwork):
             num_anchors_per_level: anchors per image on each level, in the order of the A anchors.
 
         Returns:
-            boxes [K, 4], scores [K] (probabilities), image [K] and NMS group [K] (image x level) of each candidate.
+            boxes [K, 4], scores [K] (probabilities, or logits with ``scores_are_logits``), image [K] and NMS group
+            [K] (image x level) of each candidate.
         """
         num_images = proposals.shape[0]
         device = proposals.device
@@ -186,11 +199,13 @@ class BatchedRegionProposalNetwork(RegionProposalNetwork):
         per_level = [torch.sym_min(self.pre_nms_top_n(), n) for n in num_anchors_per_level]
         levels = torch.cat([torch.full((k,), i, dtype=torch.int64, device=device) for i, k in enumerate(per_level)])
         batch_idx = torch.arange(num_images, device=device)[:, None]
-        scores = torch.sigmoid(objectness[batch_idx, top_n_idx])
+        scores = objectness[batch_idx, top_n_idx]
+        if not self.scores_are_logits:
+            scores = torch.sigmoid(scores)
         boxes = proposals[batch_idx, top_n_idx]
 
         boxes = _clip_to_images(boxes, sizes.reshape(num_images, 1, 2))
-        valid = _has_min_size(boxes, self.min_size) & (scores >= self.score_thresh)
+        valid = _has_min_size(boxes, self.min_size, self.strict_min_size) & (scores >= self.score_thresh)
 
         flat = valid.flatten().nonzero().squeeze(1)
         boxes, scores = boxes.flatten(0, 1)[flat], scores.flatten()[flat]
@@ -229,7 +244,13 @@ class BatchedRoIHeads(RoIHeads):
     """torchvision's ``RoIHeads`` with ``postprocess_detections`` done for all images at once.
 
     Same constructor, attributes, losses and results; see the module docstring.
+
+    Attributes:
+        min_detection_size: detections with a side shorter than this are dropped (class-level; detectron2 keeps
+            every detection here, its subclass sets 0).
     """
+
+    min_detection_size: float = _MIN_DETECTION_SIZE
 
     def detection_candidates(
         self, class_logits: Tensor, box_regression: Tensor, proposals: Tensor, image: Tensor, sizes: Tensor
@@ -259,7 +280,7 @@ class BatchedRoIHeads(RoIHeads):
         image = image[rows]
         boxes = _clip_to_images(boxes, sizes[image].to(boxes.dtype))
 
-        valid = _has_min_size(boxes, _MIN_DETECTION_SIZE).nonzero().squeeze(1)
+        valid = _has_min_size(boxes, self.min_detection_size).nonzero().squeeze(1)
         return boxes[valid], scores[valid], labels[valid], image[valid]
 
     def postprocess_detections(

@@ -1,10 +1,13 @@
-"""Loading detector checkpoints: ours, and torchvision's COCO Faster/Mask R-CNN (v1 and v2)."""
+"""Loading detector checkpoints: ours, torchvision's COCO Faster/Mask R-CNN (v1 and v2), detectron2's model zoo."""
 import logging
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 from backbones.weights import Checkpoint, LoadResult, compare_state_dicts, read_checkpoint
 from torch import Tensor, nn
+
+from heads.detectron2 import Detectron2BoxPredictor, convert_detectron2_state, is_detectron2_state
 
 __all__ = ["load_weights", "CLASS_SPECIFIC_PREFIXES"]
 
@@ -33,9 +36,12 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint, strict: bool = True) 
         model: the detector; its module names are torchvision's, so torchvision's checkpoints of
             ``fasterrcnn_resnet50_fpn(_v2)`` and ``maskrcnn_resnet50_fpn(_v2)`` load into the matching
             ``build_detector(kind, "resnet50", variant=...)``.
-        checkpoint: a path (``.pth``/``.pt``/``.bin`` read with ``torch.load(weights_only=True)``, or
-            ``.safetensors``) or a state dict; a training checkpoint with the weights under "model" works too.
-            Read with ``backbones.weights.read_checkpoint``.
+        checkpoint: a path (``.pth``/``.pt``/``.bin`` read with ``torch.load(weights_only=True)``,
+            ``.safetensors``, or a detectron2 model-zoo ``.pkl`` read by the safe unpickler) or a state dict; a
+            training checkpoint with the weights under "model" works too (detectron2's ``.pth`` and ``.pkl``
+            included). Read with ``backbones.weights.read_checkpoint``. detectron2's names
+            (``backbone.bottom_up.res2.0.conv1.norm.weight``, ``proposal_generator.rpn_head.*``,
+            ``roi_heads.box_head.fc1``, ...) are mapped onto a model built with ``style="detectron2"``.
         strict: raise ValueError listing any missing, unexpected or wrongly shaped keys (other than the
             class-specific predictor layers); with False, load what fits and report the rest.
 
@@ -53,6 +59,17 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint, strict: bool = True) 
     """
     state = read_checkpoint(checkpoint)
     expected = model.state_dict()
+    file_names: dict[str, str] = {}
+    left_out: list[str] = []
+    if is_detectron2_state(state):
+        predictor = getattr(getattr(model, "roi_heads", None), "box_predictor", None)
+        if not isinstance(predictor, Detectron2BoxPredictor):
+            where = f"{checkpoint}: " if isinstance(checkpoint, (str, Path)) else ""
+            raise ValueError(
+                f"{where}a detectron2 checkpoint (its classifier puts the background last) needs a model built "
+                "with build_detector(..., style='detectron2')"
+            )
+        state, file_names, left_out = convert_detectron2_state(model, state)
     state = {_upgrade_key(key, expected): value for key, value in state.items()}
 
     report = compare_state_dicts(expected, state)
@@ -62,7 +79,7 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint, strict: bool = True) 
         for key, in_checkpoint, in_model in report.wrong_shape
         if key not in skipped
     )
-    unexpected = sorted(report.unexpected)
+    unexpected = sorted(file_names.get(key, key) for key in report.unexpected)
     missing = sorted(report.missing)
     if strict and (missing or unexpected or mismatched):
         raise ValueError(
@@ -84,7 +101,7 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint, strict: bool = True) 
     wrong_shape = {key for key, _, _ in report.wrong_shape}
     loadable = {key: value for key, value in state.items() if key in expected and key not in wrong_shape}
     model.load_state_dict(loadable, strict=False)
-    return LoadResult(missing, unexpected + [entry.split(" ")[0] for entry in mismatched], skipped)
+    return LoadResult(missing, unexpected + [entry.split(" ")[0] for entry in mismatched], skipped + left_out)
 
 
 def _upgrade_key(key: str, expected: Mapping[str, Tensor]) -> str:

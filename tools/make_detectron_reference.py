@@ -1,4 +1,12 @@
-"""Reference features of detectron2's ResNet backbone loading Caffe2 weights: ``tests/data/detectron/*.safetensors``.
+"""Reference outputs of detectron2 for ``tests/test_detectron_weights.py``: ``tests/data/detectron/*.safetensors``.
+
+Detectors (``DETECTOR_CASES``): deterministic random weights of detectron2's R50-FPN Faster/Mask R-CNN under its own
+names (``detectron2_rcnn_state``), written as a model-zoo ``.pkl`` and loaded by its ``DetectionCheckpointer`` into the
+``GeneralizedRCNN`` its config system builds; run on images that need no resize, in float64 (detectron2's float32
+casts in box decoding and NMS turned off for that run) and in float32, whose distance from float64 is stored as
+detectron2's own float32 noise. Saved: detections (boxes, scores, classes, masks as COCO RLE) and RPN proposals.
+
+Backbones:
 
 For each case this writes a deterministic random Caffe2 ImageNet ResNet (``caffe2_resnet_blobs``, named and laid out
 as Detectron's ``R-50.pkl``/``X-101-32x8d.pkl``) to a ``.pkl``, loads it with detectron2's own ``DetectionCheckpointer``
@@ -184,6 +192,311 @@ def reference_input(case: Case, size: int = 64) -> np.ndarray:
     return np.random.RandomState(case.seed + 1).standard_normal((1, 3, size, size))
 
 
+# -- whole detectors: detectron2's GeneralizedRCNN ---------------------------------------------------------------
+
+
+class DetectorCase(NamedTuple):
+    """One reference detector: detectron2's R50-FPN Faster/Mask R-CNN config, optionally narrower (for test time).
+
+    ``stem_channels`` is ``RESNETS.STEM_OUT_CHANNELS`` (64: the real R-50; res2 is 4x, the bottleneck 1x);
+    ``fpn_channels`` ``FPN.OUT_CHANNELS``; ``box_head_width`` ``ROI_BOX_HEAD.FC_DIM``; ``mask_head_width``
+    ``ROI_MASK_HEAD.CONV_DIM``; ``num_classes`` ``ROI_HEADS.NUM_CLASSES``. The images are ``(height, width)``
+    with the shorter side 800 and the longer <= 1333: detectron2's test resize leaves them as they are.
+    """
+
+    kind: str  # "faster_rcnn" or "mask_rcnn"
+    stem_channels: int
+    fpn_channels: int
+    box_head_width: int
+    mask_head_width: int
+    num_classes: int
+    seed: int
+    image_sizes: tuple[tuple[int, int], ...]
+    background_offset: float = 2.0  # added to the background logit: fewer proposals pass the 0.05 threshold
+
+    def build_options(self) -> dict[str, Any]:
+        """``heads.build_detector(kind, "resnet50", **options)`` keywords for the same network."""
+        return dict(
+            num_classes=self.num_classes,
+            style="detectron2",
+            backbone_options=dict(base_channels=self.stem_channels),
+            fpn_options=dict(out_channels=self.fpn_channels),
+            box_head_width=self.box_head_width,
+            **(dict(mask_head_width=self.mask_head_width) if self.kind == "mask_rcnn" else {}),
+        )
+
+
+_NARROW = dict(stem_channels=8, fpn_channels=32, box_head_width=128, mask_head_width=32, num_classes=80)
+DETECTOR_CASES = {
+    # R50-FPN at an eighth of its widths (float64 convolutions take the slow path), COCO's 80 classes, two images
+    # of different sizes in one padded batch.
+    "mask_rcnn_R_50_FPN-narrow": DetectorCase("mask_rcnn", **_NARROW, seed=2024,
+                                              image_sizes=((800, 1000), (960, 800)), background_offset=11.0),
+    # The 100-detection cut at work: more than 100 detections pass the threshold.
+    "faster_rcnn_R_50_FPN-narrow": DetectorCase("faster_rcnn", **_NARROW, seed=2025, image_sizes=((800, 928),)),
+}
+# Scales of the random head weights (relative to a unit-variance initialisation): large enough that the RPN
+# ranks proposals clearly and that the classifier gives clear detections above detectron2's 0.05 threshold.
+_OBJECTNESS_SCALE = 0.8
+_CLASS_SCALE = 0.5
+_MASK_SCALE = 4.0
+
+
+def detectron2_rcnn_state(case: DetectorCase) -> dict[str, np.ndarray]:
+    """Random weights of detectron2's R50-FPN ``GeneralizedRCNN`` under its own names, the same for a ``case`` on
+    every numpy (``RandomState``). FrozenBN layers get non-trivial statistics (mean -0.2..0.2, variance 0.5..2)."""
+    rng = np.random.RandomState(case.seed)
+    state: dict[str, np.ndarray] = {}
+
+    def weight(name: str, shape: tuple[int, ...], std: float) -> None:
+        state[f"{name}.weight"] = (rng.standard_normal(shape) * std).astype(np.float32)
+
+    def bias(name: str, channels: int, scale: float = 0.1) -> None:
+        state[f"{name}.bias"] = rng.uniform(-scale, scale, channels).astype(np.float32)
+
+    def conv(name: str, out_ch: int, in_ch: int, k: int, gain: float = 2.0, with_bias: bool = True) -> None:
+        weight(name, (out_ch, in_ch, k, k), np.sqrt(gain / (in_ch * k * k)))
+        if with_bias:
+            bias(name, out_ch)
+
+    def norm(name: str, channels: int, low: float = 0.5, high: float = 1.5) -> None:
+        state[f"{name}.weight"] = rng.uniform(low, high, channels).astype(np.float32)
+        state[f"{name}.bias"] = rng.uniform(-0.2, 0.2, channels).astype(np.float32)
+        state[f"{name}.running_mean"] = rng.uniform(-0.2, 0.2, channels).astype(np.float32)
+        state[f"{name}.running_var"] = rng.uniform(0.5, 2.0, channels).astype(np.float32)
+
+    bottom_up = "backbone.bottom_up"
+    stem = case.stem_channels
+    # The input is 0..255 minus the mean (about 74 rms for uniform noise): the stem scales it to unit size.
+    weight(f"{bottom_up}.stem.conv1", (stem, 3, 7, 7), np.sqrt(2.0 / (3 * 49)) / 74.0)
+    norm(f"{bottom_up}.stem.conv1.norm", stem)
+    in_ch, out_ch, width = stem, stem * 4, stem
+    widths = {}
+    for stage, count in zip(STAGES, BLOCKS[50]):
+        for i in range(count):
+            prefix = f"{bottom_up}.{stage}.{i}"
+            if i == 0:
+                conv(f"{prefix}.shortcut", out_ch, in_ch, 1, with_bias=False)
+                norm(f"{prefix}.shortcut.norm", out_ch)
+            conv(f"{prefix}.conv1", width, in_ch if i == 0 else out_ch, 1, with_bias=False)
+            norm(f"{prefix}.conv1.norm", width)
+            conv(f"{prefix}.conv2", width, width, 3, with_bias=False)
+            norm(f"{prefix}.conv2.norm", width)
+            conv(f"{prefix}.conv3", out_ch, width, 1, with_bias=False)
+            norm(f"{prefix}.conv3.norm", out_ch, 0.1, 0.5)
+        widths[stage] = out_ch
+        in_ch, out_ch, width = out_ch, out_ch * 2, width * 2
+    channels = case.fpn_channels
+    for level, stage in zip(range(2, 6), STAGES):
+        conv(f"backbone.fpn_lateral{level}", channels, widths[stage], 1, gain=1.0)
+        conv(f"backbone.fpn_output{level}", channels, channels, 3, gain=1.0)
+    rpn = "proposal_generator.rpn_head"
+    conv(f"{rpn}.conv", channels, channels, 3)
+    conv(f"{rpn}.objectness_logits", 3, channels, 1, gain=_OBJECTNESS_SCALE**2)
+    conv(f"{rpn}.anchor_deltas", 12, channels, 1, gain=0.01)
+    box, fc = "roi_heads.box_head", case.box_head_width
+    weight(f"{box}.fc1", (fc, channels * 49), np.sqrt(2.0 / (channels * 49)))
+    bias(f"{box}.fc1", fc)
+    weight(f"{box}.fc2", (fc, fc), np.sqrt(2.0 / fc))
+    bias(f"{box}.fc2", fc)
+    classes = case.num_classes
+    # Rows centred: the box head's features are ReLU outputs (all positive), whose mean would otherwise give each
+    # class a fixed offset and one class every detection. The background logit gets an offset so that only the
+    # clearest proposals pass the 0.05 threshold.
+    weight("roi_heads.box_predictor.cls_score", (classes + 1, fc), _CLASS_SCALE / np.sqrt(fc))
+    _centre_rows(state["roi_heads.box_predictor.cls_score.weight"])
+    bias("roi_heads.box_predictor.cls_score", classes + 1)
+    state["roi_heads.box_predictor.cls_score.bias"][-1] += case.background_offset
+    weight("roi_heads.box_predictor.bbox_pred", (4 * classes, fc), 0.1 / np.sqrt(fc))
+    bias("roi_heads.box_predictor.bbox_pred", 4 * classes)
+    if case.kind == "mask_rcnn":
+        mask, dim = "roi_heads.mask_head", case.mask_head_width
+        for k in range(1, 5):
+            conv(f"{mask}.mask_fcn{k}", dim, channels if k == 1 else dim, 3)
+        weight(f"{mask}.deconv", (dim, dim, 2, 2), np.sqrt(2.0 / dim))
+        bias(f"{mask}.deconv", dim)
+        conv(f"{mask}.predictor", classes, dim, 1, gain=_MASK_SCALE**2)
+        _centre_rows(state[f"{mask}.predictor.weight"])  # masks that vary over the box, not all on or all off
+    return state
+
+
+def _centre_rows(weight: np.ndarray) -> None:
+    """Subtract each output's mean weight over its inputs, in place."""
+    flat = weight.reshape(weight.shape[0], -1)
+    flat -= flat.mean(axis=1, keepdims=True)
+
+
+def reference_images(case: DetectorCase) -> list[np.ndarray]:
+    """The RGB float64 images in [0, 1] (``3 x H x W``) both detectors see: smooth random blobs over noise."""
+    rng = np.random.RandomState(case.seed + 1)
+    images = []
+    for height, width in case.image_sizes:
+        coarse = rng.uniform(0, 1, (3, height // 32 + 2, width // 32 + 2))
+        smooth = np.kron(coarse, np.ones((32, 32)))[:, :height, :width]
+        images.append(np.clip(0.7 * smooth + 0.3 * rng.uniform(0, 1, (3, height, width)), 0, 1))
+    return images
+
+
+def write_detectron2_pkl(state: dict[str, np.ndarray], path: Path) -> None:
+    """Write ``state`` as detectron2's model zoo does: ``{"model": {name: array}, "__author__": ...}``."""
+    with open(path, "wb") as f:
+        pickle.dump({"model": state, "__author__": "resdet reference"}, f, protocol=2)
+
+
+def _detectron2_cfg(case: DetectorCase) -> Any:
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    name = "mask_rcnn_R_50_FPN_1x" if case.kind == "mask_rcnn" else "faster_rcnn_R_50_FPN_1x"
+    folder = "COCO-InstanceSegmentation" if case.kind == "mask_rcnn" else "COCO-Detection"
+    import detectron2
+
+    root = Path(detectron2.__file__).resolve().parent.parent / "configs"
+    cfg.merge_from_file(str(root / folder / f"{name}.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = case.stem_channels
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = case.stem_channels * 4
+    cfg.MODEL.RESNETS.WIDTH_PER_GROUP = case.stem_channels
+    cfg.MODEL.FPN.OUT_CHANNELS = case.fpn_channels
+    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = case.box_head_width
+    cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = case.mask_head_width
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = case.num_classes
+    return cfg
+
+
+class _Float64Throughout:
+    """detectron2 keeps boxes in float32 even in a float64 model (``Boxes`` casts its tensor, box decoding and NMS
+    call ``.float()``), and its NMS then fails on float64 scores. For the float64 reference, while the model runs,
+    ``Tensor.float`` keeps the dtype and ``Boxes`` keeps a float64 tensor as it is, so that the whole model is
+    float64; nothing else changes (in float32 both are no-ops)."""
+
+    def __enter__(self) -> None:
+        import torch
+        from detectron2.structures import Boxes
+
+        self.float, self.init = torch.Tensor.float, Boxes.__init__
+        init = self.init
+
+        def keep_float64(boxes: Any, tensor: Any) -> None:
+            init(boxes, tensor)  # detectron2's checks
+            if isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float64:
+                boxes.tensor = tensor.reshape(-1, 4)
+
+        torch.Tensor.float = lambda tensor, *args, **kwargs: tensor  # type: ignore[method-assign]
+        Boxes.__init__ = keep_float64  # type: ignore[method-assign]
+
+    def __exit__(self, *exc: Any) -> None:
+        import torch
+        from detectron2.structures import Boxes
+
+        torch.Tensor.float = self.float  # type: ignore[method-assign]
+        Boxes.__init__ = self.init  # type: ignore[method-assign]
+
+
+def _detectron2_detections(case: DetectorCase, pkl: Path, images: list[np.ndarray], dtype: Any) -> list[dict]:
+    import contextlib
+
+    import torch
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    model = build_model(_detectron2_cfg(case)).eval()
+    DetectionCheckpointer(model).load(str(pkl))
+    model.to(dtype)
+    inputs = [
+        {"image": torch.from_numpy(image).to(dtype).mul(255.0).flip(0), "height": image.shape[1],
+         "width": image.shape[2]}
+        for image in images
+    ]
+    proposals: list[Any] = []
+    hook = model.proposal_generator.register_forward_hook(lambda m, i, o: proposals.extend(o[0]))
+    with torch.no_grad(), (_Float64Throughout() if dtype == torch.float64 else contextlib.nullcontext()):
+        outputs = model(inputs)
+    hook.remove()
+    results = []
+    for output, proposal in zip(outputs, proposals):
+        instances = output["instances"]
+        result = {
+            "boxes": instances.pred_boxes.tensor.double(),
+            "scores": instances.scores.double(),
+            "classes": instances.pred_classes.long(),
+            "proposals": proposal.proposal_boxes.tensor.double(),
+        }
+        if instances.has("pred_masks"):
+            result["masks"] = instances.pred_masks.bool()
+        results.append(result)
+    return results
+
+
+def _mask_rle(masks: Any) -> list[dict[str, Any]]:
+    from pycocotools import mask as mask_utils
+
+    encoded = mask_utils.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8)))
+    return [{"size": list(e["size"]), "counts": e["counts"].decode("ascii")} for e in encoded]
+
+
+def _noise(reference: list[dict], other: list[dict]) -> dict[str, Any]:
+    """How far detectron2's float32 run is from its float64 run (boxes and scores of matching detections)."""
+    import torch
+
+    noise: dict[str, Any] = {"same_detections": True, "box": 0.0, "score": 0.0}
+    for ref, out in zip(reference, other):
+        if not torch.equal(ref["classes"], out["classes"]):
+            noise["same_detections"] = False
+            continue
+        noise["box"] = max(noise["box"], (ref["boxes"] - out["boxes"]).abs().max().item() if len(ref["boxes"]) else 0)
+        noise["score"] = max(noise["score"], (ref["scores"] - out["scores"]).abs().max().item()
+                             if len(ref["scores"]) else 0)
+        if "masks" in ref:
+            inter = (ref["masks"] & out["masks"]).flatten(1).sum(1)
+            union = (ref["masks"] | out["masks"]).flatten(1).sum(1).clamp(min=1)
+            noise["mask_iou"] = min(noise.get("mask_iou", 1.0), (inter / union).min().item() if len(inter) else 1.0)
+    return noise
+
+
+def write_detector_reference(name: str, case: DetectorCase, output: Path, keep_pkl: bool = False) -> Path:
+    """Run detectron2 on ``case`` in float64 (and float32, for its noise) and save ``<name>.safetensors``."""
+    import tempfile
+
+    import detectron2
+    import torch
+    from safetensors.torch import save_file
+
+    state = detectron2_rcnn_state(case)
+    images = reference_images(case)
+    with tempfile.TemporaryDirectory() as tmp:
+        pkl = (output if keep_pkl else Path(tmp)) / f"{name}.pkl"
+        write_detectron2_pkl(state, pkl)
+        reference = _detectron2_detections(case, pkl, images, torch.float64)
+        single = _detectron2_detections(case, pkl, images, torch.float32)
+    tensors: dict[str, Any] = {}
+    masks = []
+    for i, result in enumerate(reference):
+        for key in ("boxes", "scores", "classes", "proposals"):
+            tensors[f"{key}{i}"] = result[key].contiguous()
+        if "masks" in result:
+            masks.append(_mask_rle(result["masks"]))
+        print(f"  image {i} {tuple(images[i].shape)}: {len(result['boxes'])} detections, scores "
+              f"{result['scores'].max().item() if len(result['scores']) else 0:.3f} max, classes "
+              f"{sorted(set(result['classes'].tolist()))[:12]}")
+    noise = _noise(reference, single)
+    print(f"  detectron2 float32 vs float64: {noise}")
+    metadata = {
+        "case": json.dumps(case._asdict()),
+        "state_sha256": blobs_digest(state),
+        "images_sha256": blobs_digest({str(i): image for i, image in enumerate(images)}),
+        "float32_noise": json.dumps(noise),
+        "masks_rle": json.dumps(masks),
+        "detectron2": getattr(detectron2, "__version__", "unknown"),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+    }
+    path = output / f"{name}.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    print(f"  wrote {path} ({path.stat().st_size} bytes)")
+    return path
+
+
 def _detectron2_features(case: Case, pkl: Path, image: np.ndarray) -> dict[str, Any]:
     import torch
     from detectron2.checkpoint import DetectionCheckpointer
@@ -222,12 +535,20 @@ def main(argv: list[str] | None = None) -> int:
         "--pickle-fixtures", action="store_true",
         help="only write the small numpy pickles (needs numpy alone; run under numpy 1 and 2)",
     )
+    parser.add_argument("--detectors", action="store_true", help="only write the detector references")
+    parser.add_argument("--backbones", action="store_true", help="only write the backbone references")
     args = parser.parse_args(argv)
     args.output.mkdir(parents=True, exist_ok=True)
     if args.pickle_fixtures:
         for path in write_pickle_fixtures(args.output):
             print(f"wrote {path} ({path.stat().st_size} bytes)")
         return 0
+    if not args.backbones:
+        for name, detector in DETECTOR_CASES.items():
+            print(f"{name}: {detector}")
+            write_detector_reference(name, detector, args.output, args.keep_pkl)
+        if args.detectors:
+            return 0
 
     import tempfile
 
