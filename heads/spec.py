@@ -15,16 +15,19 @@ from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
 import backbones
 from backbones.options import check_options, keyword_hints
 from backbones.weights import read_checkpoint, read_run_file
-from heads.build import DETECTORS, build_detector
+from heads.build import DETECTORS, STYLES, build_detector
 from heads.detectors import VARIANTS, FasterRCNN
+from heads.detectron2 import build_detectron2_detector, is_detectron2_state
 from heads.weights import load_weights
 
 __all__ = ["check_model_spec", "build_from_spec", "load_detector"]
 
 
 # The keys of a model_spec(): heads.build_detector's parameters, with its **options under "options".
-_SPEC_KEYS = ("kind", "backbone", "num_classes", "variant", "pretrained_backbone", "backbone_options", "fpn_options",
-              "options")
+_SPEC_KEYS = ("kind", "backbone", "num_classes", "variant", "pretrained_backbone", "style", "backbone_options",
+              "fpn_options", "options")
+# torchvision's COCO category names, indexed by COCO category id ("N/A" at the gaps, "__background__" at 0).
+_COCO_NAMES_BY_ID = FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
 
 
 def _takes_module(hint: Any) -> bool:
@@ -40,7 +43,12 @@ def check_model_spec(spec: Any) -> dict[str, Any]:
     ``backbone_options`` of ``backbones.ResNet`` (for ``timm:<name>``: ``backbones.TimmBackbone`` and timm's model
     keywords, but none of ``timm.create_model``'s own, such as ``pretrained_cfg_overlay`` or ``checkpoint_path``,
     which load files), ``fpn_options`` of ``backbones.FPN`` and ``options`` (``detector_options``) of the detector
-    class, without its module-valued parameters. ValueError naming the key and listing the valid ones otherwise.
+    class, without its module-valued parameters (for ``style: detectron2``, also those of
+    ``heads.detectron2.build_detectron2_detector``). ValueError naming the key and listing the valid ones otherwise.
+
+    ``num_classes`` follows the style: classes with the background for "torchvision" (>= 2), foreground classes
+    for "detectron2" (>= 1, detectron2's ``NUM_CLASSES``); ``variant`` and ``pretrained_backbone`` are
+    torchvision-style keys.
     """
     if not isinstance(spec, Mapping):
         raise ValueError(f"the model spec must be a mapping, got {type(spec).__name__}")
@@ -55,9 +63,19 @@ def check_model_spec(spec: Any) -> dict[str, Any]:
         raise ValueError(f"variant must be one of {list(VARIANTS)}, got {spec['variant']!r}")
     if not isinstance(backbone, str):
         raise ValueError(f"backbone must be a name, got {backbone!r}")
-    num_classes = spec.get("num_classes", 91)
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
-        raise ValueError(f"num_classes must be an integer >= 2 (background included), got {num_classes!r}")
+    style = spec.get("style", "torchvision")
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {list(STYLES)}, got {style!r}")
+    detectron2 = style == "detectron2"
+    if detectron2 and backbone not in backbones.FACTORIES:
+        raise ValueError(f"backbone must be one of {list(backbones.FACTORIES)} for style detectron2, got {backbone!r}")
+    if detectron2 and (spec.get("variant", "v1") != "v1" or spec.get("pretrained_backbone", False)):
+        raise ValueError("variant and pretrained_backbone do not apply to style detectron2 (its backbone is always "
+                         "FrozenBN with the stem and res2 frozen)")
+    num_classes, fewest = spec.get("num_classes", 80 if detectron2 else 91), 1 if detectron2 else 2
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < fewest:
+        counted = "foreground classes, as detectron2's NUM_CLASSES" if detectron2 else "background included"
+        raise ValueError(f"num_classes must be an integer >= {fewest} ({counted}), got {num_classes!r}")
     if not isinstance(spec.get("pretrained_backbone", False), bool):
         raise ValueError(f"pretrained_backbone must be true or false, got {spec['pretrained_backbone']!r}")
     if backbone.startswith("timm:"):
@@ -74,8 +92,11 @@ def check_model_spec(spec: Any) -> dict[str, Any]:
     spec["fpn_options"] = check_options(
         spec.get("fpn_options", {}), keyword_hints(backbones.FPN, exclude=("bottom_up",)), "fpn_options")
     detector = DETECTORS[kind]  # MaskRCNN passes its **options on to FasterRCNN
-    hints = keyword_hints(*(c for c in detector.__mro__ if isinstance(c, type) and issubclass(c, FasterRCNN)),
-                          exclude=("backbone", "num_classes", "variant"))
+    builders = [c for c in detector.__mro__ if isinstance(c, type) and issubclass(c, FasterRCNN)]
+    if detectron2:
+        builders.insert(0, build_detectron2_detector)
+    hints = keyword_hints(*builders, exclude=("kind", "backbone", "num_classes", "variant", "backbone_options",
+                                              "fpn_options"))
     spec["options"] = check_options(spec.get("options", {}), {k: h for k, h in hints.items() if not _takes_module(h)},
                                     "detector_options")
     return spec
@@ -95,8 +116,12 @@ def build_from_spec(spec: dict[str, Any]) -> FasterRCNN:
 
 
 def _spec_from_state(state: dict[str, Tensor]) -> dict[str, Any]:
-    """What a checkpoint without a ``model_spec`` (e.g. torchvision's COCO files) shows of its model."""
-    spec: dict[str, Any] = {}
+    """What a checkpoint without a ``model_spec`` (torchvision's COCO files, detectron2's model zoo) shows of its
+    model."""
+    if is_detectron2_state(state):
+        return _detectron2_spec_from_state(state)
+    spec: dict[str, Any] = {"kind": "faster_rcnn", "backbone": "resnet50", "num_classes": 91, "variant": "v1",
+                            "pretrained_backbone": True, "backbone_options": {}, "fpn_options": {}, "options": {}}
     if "roi_heads.box_predictor.cls_score.weight" in state:
         spec["num_classes"] = int(state["roi_heads.box_predictor.cls_score.weight"].shape[0])
     spec["kind"] = "mask_rcnn" if any(k.startswith("roi_heads.mask_") for k in state) else "faster_rcnn"
@@ -105,20 +130,67 @@ def _spec_from_state(state: dict[str, Tensor]) -> dict[str, Any]:
     return spec
 
 
+def _detectron2_spec_from_state(state: dict[str, Tensor]) -> dict[str, Any]:
+    """A detectron2 ``GeneralizedRCNN`` checkpoint's spec, read from its weights: kind from its mask head, depth from
+    the blocks of res4, ResNeXt groups from res2's 3x3, and the widths (stem, FPN, box and mask heads), foreground
+    classes and class-agnostic regression from their shapes."""
+    def rows(key: str) -> int | None:
+        return int(state[key].shape[0]) if key in state else None
+
+    spec: dict[str, Any] = {"style": "detectron2", "backbone_options": {}, "fpn_options": {}, "options": {}}
+    spec["kind"] = "mask_rcnn" if any(k.startswith("roi_heads.mask_head.") for k in state) else "faster_rcnn"
+    res4 = {k.split(".")[3] for k in state if k.startswith("backbone.bottom_up.res4.")}
+    depth = {6: 50, 23: 101, 36: 152}.get(len(res4))
+    conv2, stem = state.get("backbone.bottom_up.res2.0.conv2.weight"), rows("backbone.bottom_up.stem.conv1.weight")
+    if depth is None or conv2 is None or stem is None:
+        raise ValueError(f"a detectron2 checkpoint with {len(res4)} res4 blocks is not a ResNet-50/101/152 FPN model")
+    groups, group_width = int(conv2.shape[0]) // int(conv2.shape[1]), int(conv2.shape[1])
+    spec["backbone"] = f"resnet{depth}" if groups == 1 else f"resnext{depth}_{groups}x{group_width}d"
+    if spec["backbone"] not in backbones.FACTORIES:  # e.g. detectron2's X-152-32x8d-IN5k
+        spec["backbone"] = f"resnet{depth}"
+        spec["backbone_options"] = {"groups": groups, "width_per_group": group_width * 64 // stem}
+    if stem != 64:
+        spec["backbone_options"]["base_channels"] = stem
+    for key, options, name, default in (
+            ("backbone.fpn_lateral2.weight", spec["fpn_options"], "out_channels", 256),
+            ("roi_heads.box_head.fc1.weight", spec["options"], "box_head_width", 1024),
+            ("roi_heads.mask_head.mask_fcn1.weight", spec["options"], "mask_head_width", 256)):
+        if rows(key) not in (None, default):
+            options[name] = rows(key)
+    classes = rows("roi_heads.box_predictor.cls_score.weight")
+    if classes is not None:
+        spec["num_classes"] = classes - 1
+        if rows("roi_heads.box_predictor.bbox_pred.weight") == 4 and classes > 2:
+            spec["options"]["class_agnostic_box_reg"] = True
+    return spec
+
+
+def _coco_labels(spec: dict[str, Any]) -> tuple[list[str], dict[int, int]] | None:
+    """COCO's class names and category ids for a checkpoint without its own, when its class count is COCO's: 91
+    (torchvision: label = category id) or 80 foreground classes (detectron2's zoo: COCO's categories in id order)."""
+    if spec.get("style") == "detectron2" and spec["num_classes"] == 80:
+        ids = [i for i, name in enumerate(_COCO_NAMES_BY_ID) if name not in ("__background__", "N/A")]
+        return [_COCO_NAMES_BY_ID[i] for i in ids], {label: cat for label, cat in enumerate(ids, start=1)}
+    if spec.get("style", "torchvision") == "torchvision" and spec["num_classes"] == 91:
+        return list(_COCO_NAMES_BY_ID[1:]), {label: label for label in range(1, 91)}
+    return None
+
+
 def load_detector(
     weights: str | Path, overrides: dict[str, Any] | None = None
 ) -> tuple[FasterRCNN, dict[str, Any]]:
     """Rebuild a detector from a checkpoint and load its weights; returns ``(model_in_eval_mode, info)``.
 
-    Our checkpoints carry their ``model_spec`` (``model_final.safetensors`` in its header); for
-    others (torchvision's COCO detectors) the
-    kind, variant and class count are read from the weights and the backbone defaults to
-    resnet50. ``overrides`` (``kind``, ``backbone``, ``variant``, ``num_classes``, ``min_size``,
+    Our checkpoints carry their ``model_spec`` (``model_final.safetensors`` in its header). For others the spec is
+    read from the weights: torchvision's COCO detectors (kind, variant and class count; the backbone defaults to
+    resnet50) and detectron2's model zoo, ``.pkl`` or ``.pth`` (``style="detectron2"``; kind, depth, ResNeXt
+    groups, class count). ``overrides`` (``kind``, ``backbone``, ``variant``, ``num_classes``, ``min_size``,
     ``max_size``; ``None`` values ignored) replace what the checkpoint says.
 
-    ``info`` holds ``model_spec``, ``label_to_cat_id`` (``None`` when the checkpoint has none)
-    and ``class_names`` (torchvision's COCO names for a 91-class model without names), and ``skipped_keys``: the
-    class-specific layers left untrained because ``num_classes`` differs from the checkpoint's.
+    ``info`` holds ``model_spec``, ``label_to_cat_id`` and ``class_names`` (the checkpoint's; for a checkpoint
+    without them whose class count is COCO's, COCO's names and category ids, and ``coco_labels`` is True; else
+    None), and ``skipped_keys``: the class-specific layers left untrained because ``num_classes`` differs from the
+    checkpoint's.
     """
     raw = read_run_file(weights)
     try:
@@ -136,9 +208,7 @@ def load_detector(
             # them, so the file is not read (nor need it exist here).
             spec["backbone_options"] = {k: v for k, v in spec["backbone_options"].items() if k != "checkpoint"}
     else:
-        spec = {"kind": "faster_rcnn", "backbone": "resnet50", "num_classes": 91, "variant": "v1",
-                "pretrained_backbone": True, "backbone_options": {}, "fpn_options": {}, "options": {}}
-        spec.update(_spec_from_state(state))
+        spec = _spec_from_state(state)
     for key in ("kind", "backbone", "variant", "num_classes"):
         if key in overrides:
             spec[key] = overrides[key]
@@ -167,7 +237,8 @@ def load_detector(
     except ValueError as e:
         raise ValueError(f"{weights}: {e}") from None
     model.eval()
-    if class_names is None and spec["num_classes"] == 91:
-        class_names = list(FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"][1:])
+    coco = _coco_labels(spec) if class_names is None and mapping is None else None
+    if coco is not None:
+        class_names, mapping = coco
     return model, {"model_spec": spec, "label_to_cat_id": mapping, "class_names": class_names,
-                   "skipped_keys": loaded.skipped_keys}
+                   "coco_labels": coco is not None, "skipped_keys": loaded.skipped_keys}

@@ -40,6 +40,8 @@ class DetTrainConfig:
     detector: Literal["faster_rcnn", "mask_rcnn"] = "faster_rcnn"
     backbone: str = "resnet50"
     variant: Literal["v1", "v2"] = "v1"
+    # Whose detector semantics: torchvision's, or detectron2's (its model zoo; heads.build_detector(style=...)).
+    style: Literal["torchvision", "detectron2"] = "torchvision"
     backbone_options: dict = field(default_factory=dict)
     fpn_options: dict = field(default_factory=dict)
     detector_options: dict = field(default_factory=dict)
@@ -197,22 +199,23 @@ def best_metric(name: str, detector: str) -> tuple[str, str]:
 
 
 def model_spec(cfg: DetTrainConfig, num_classes: int) -> dict[str, Any]:
-    """The keyword arguments of ``heads.build_detector`` for ``cfg``: what a checkpoint stores to rebuild its model."""
+    """The keyword arguments of ``heads.build_detector`` for ``cfg``: what a checkpoint stores to rebuild its model.
+
+    ``num_classes`` counts the background, whatever the style; the spec counts as its style does (detectron2's:
+    foreground classes only).
+    """
     options = dict(cfg.detector_options)
     if cfg.lsj:  # the data is already at the training size: the detector's resize keeps it
         options.update(lsj_detector_options(cfg.max_size))
     options.setdefault("min_size", tuple(cfg.min_sizes))
     options.setdefault("max_size", cfg.max_size)
-    return {
-        "kind": cfg.detector,
-        "backbone": cfg.backbone,
-        "num_classes": num_classes,
-        "variant": cfg.variant,
-        "pretrained_backbone": cfg.pretrained is not None or cfg.weights is not None,
-        "backbone_options": dict(cfg.backbone_options),
-        "fpn_options": dict(cfg.fpn_options),
-        "options": options,
-    }
+    spec = {"kind": cfg.detector, "backbone": cfg.backbone, "num_classes": num_classes}
+    if cfg.style == "detectron2":  # its backbone is always FrozenBN; stages are frozen through backbone_options
+        spec.update(style="detectron2", num_classes=num_classes - 1)
+    else:
+        spec.update(variant=cfg.variant, pretrained_backbone=cfg.pretrained is not None or cfg.weights is not None)
+    return {**spec, "backbone_options": dict(cfg.backbone_options), "fpn_options": dict(cfg.fpn_options),
+            "options": options}
 
 
 

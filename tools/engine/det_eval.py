@@ -122,17 +122,19 @@ def evaluate_config(cfg: DetTrainConfig, model_overrides: dict[str, Any] | None 
 
 
 def _label_mapping(info: dict[str, Any], dataset: CocoDetection) -> dict[int, int]:
-    """Label -> category id: the checkpoint's, else torchvision's COCO numbering (label = id), else the dataset's."""
+    """Label -> category id: the checkpoint's (COCO's ids for a COCO-sized checkpoint without its own, see
+    ``heads.load_detector``), else the dataset's categories in id order. A COCO model may run on a subset of COCO's
+    categories; any other checkpoint must know every id it names."""
     if info["label_to_cat_id"] is not None:
         mapping = info["label_to_cat_id"]
-    elif info["model_spec"]["num_classes"] == 91:
-        mapping = {label: label for label in range(1, 91)}
-        logger.info("checkpoint has no label map; 91 classes: using torchvision's COCO numbering (label = id)")
+        if info.get("coco_labels"):
+            logger.info("checkpoint has no label map; %d classes: using COCO's category ids",
+                        info["model_spec"]["num_classes"])
     else:
         mapping = dataset.label_to_cat_id
         logger.info("checkpoint has no label map; using the dataset's categories in id order")
     unknown = sorted(set(mapping.values()) - set(dataset.cat_ids))
-    if unknown and info["model_spec"]["num_classes"] != 91:
+    if unknown and not info.get("coco_labels"):
         raise ValueError(f"the checkpoint's category ids {unknown} are not in the dataset (ids {dataset.cat_ids})")
     return {label: cat for label, cat in mapping.items() if cat in dataset.coco.cats}
 
