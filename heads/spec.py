@@ -28,6 +28,8 @@ _SPEC_KEYS = ("kind", "backbone", "num_classes", "variant", "pretrained_backbone
               "fpn_options", "options")
 # torchvision's COCO category names, indexed by COCO category id ("N/A" at the gaps, "__background__" at 0).
 _COCO_NAMES_BY_ID = FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
+# detectron2's PIXEL_STD in its ResNeXt zoo configs (BGR, 0..255); its ResNets use 1.
+_RESNEXT_PIXEL_STD = (57.375, 57.120, 58.395)
 
 
 def _takes_module(hint: Any) -> bool:
@@ -36,8 +38,8 @@ def _takes_module(hint: Any) -> bool:
 
 
 def check_model_spec(spec: Any) -> dict[str, Any]:
-    """A model spec (``tools.engine.det_config.model_spec``: from a config or a checkpoint) checked before anything is built from it; returns
-    a copy with the option values read as their types.
+    """A model spec (``tools.engine.det_config.model_spec``: from a config or a checkpoint) checked before anything
+    is built from it; returns a copy with the option values read as their types.
 
     Each options dict may hold only keyword parameters of what receives it, read from the signatures:
     ``backbone_options`` of ``backbones.ResNet`` (for ``timm:<name>``: ``backbones.TimmBackbone`` and timm's model
@@ -149,6 +151,8 @@ def _detectron2_spec_from_state(state: dict[str, Tensor]) -> dict[str, Any]:
     if spec["backbone"] not in backbones.FACTORIES:  # e.g. detectron2's X-152-32x8d-IN5k
         spec["backbone"] = f"resnet{depth}"
         spec["backbone_options"] = {"groups": groups, "width_per_group": group_width * 64 // stem}
+    if groups > 1:  # FAIR's ResNeXt ImageNet weights, behind every ResNeXt in the zoo, take unit-variance input
+        spec["options"]["pixel_std"] = list(_RESNEXT_PIXEL_STD)
     if stem != 64:
         spec["backbone_options"]["base_channels"] = stem
     for key, options, name, default in (

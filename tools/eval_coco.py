@@ -34,7 +34,8 @@ from tools.engine.errors import USER_ERRORS, report
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--weights", help="detector checkpoint (.pth or .safetensors) to run on --val-images")
+    what.add_argument("--weights", help="detector checkpoint to run on --val-images (ours, torchvision's COCO files, "
+                                        "detectron2's zoo .pkl/.pth)")
     what.add_argument("--results", help="COCO results JSON to score")
     p.add_argument("--val-ann", required=True, help="COCO instances JSON (ground truth)")
     p.add_argument("--val-images", help="image folder (with --weights)")

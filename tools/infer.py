@@ -27,7 +27,7 @@ from tools.engine.errors import USER_ERRORS, report
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", help="image or video files, folders (searched recursively) or glob patterns")
-    p.add_argument("--weights", help="detector checkpoint (ours or torchvision COCO)")
+    p.add_argument("--weights", help="detector checkpoint (ours, torchvision's COCO files, detectron2's zoo .pkl/.pth)")
     p.add_argument("--onnx", help="run this exported detector (tools/export.py) in onnxruntime instead")
     p.add_argument("--frame-stride", type=int, default=1, help="videos: detect on every n-th frame")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -40,10 +40,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-ann", help="COCO instances JSON for training")
     p.add_argument("--val-images", help="folder of validation images")
     p.add_argument("--val-ann", help="COCO instances JSON for validation")
-    p.add_argument("--pretrained", help="backbone checkpoint, .pth or .safetensors (torchvision/timm ImageNet or "
-                                        "tools/train_cls.py model_final); switches to FrozenBN with stem and c2 frozen")
-    p.add_argument("--weights", help="full detector checkpoint, .pth or .safetensors (ours or torchvision COCO) "
-                                     "to start from, or to evaluate with --eval-only")
+    p.add_argument("--pretrained", help="backbone checkpoint: .pth or .safetensors (torchvision/timm ImageNet or "
+                                        "tools/train_cls.py model_final) or MSRA's Caffe2 .pkl (R-50.pkl); "
+                                        "switches to FrozenBN with stem and c2 frozen")
+    p.add_argument("--weights", help="full detector checkpoint (ours, torchvision's COCO files, detectron2's zoo "
+                                     ".pkl/.pth) to start from, or to evaluate with --eval-only")
     p.add_argument("--output-dir", help="run folder for checkpoints, metrics and pictures")
     p.add_argument("--iters", type=int, help="iterations (lr steps and warmup keep their fraction of the run)")
     p.add_argument("--batch-size", type=int, help="images per process per iteration")
