@@ -424,6 +424,10 @@ def build_detectron2_detector(
         >>> load_weights(model, "model_final_f10217.pkl")
     """
     kinds = {"faster_rcnn": FasterRCNN, "mask_rcnn": MaskRCNN}
+    replaced = sorted(set(options) & {"image_mean", "image_std", "size_divisibility", "variant"})
+    if replaced:
+        raise ValueError(f"{', '.join(replaced)} do not apply to style='detectron2': its transform takes pixel_mean "
+                         "and pixel_std (0..255, in input_format's channel order) and pads to the FPN's stride")
     if kind not in kinds:
         raise ValueError(f"kind must be one of {sorted(kinds)}, got {kind!r}")
     if not isinstance(num_classes, int) or num_classes < 1:

@@ -478,6 +478,8 @@ def test_detectron2_style_builds_detectron2s_network():
         heads.DetectorForExport(model)  # export re-implements torchvision's pipeline
     with pytest.raises(ValueError, match="does not apply to style='detectron2'"):
         heads.build_detector("faster_rcnn", variant="v2", style="detectron2")
+    with pytest.raises(ValueError, match="image_mean do not apply to style='detectron2'.*pixel_mean"):
+        heads.build_detector("faster_rcnn", image_mean=(0.5, 0.5, 0.5), **TINY_D2)
     with pytest.raises(ValueError, match="style must be one of"):
         heads.build_detector("faster_rcnn", style="mmdet")
     with pytest.raises(ValueError, match="foreground classes"):

@@ -15,10 +15,13 @@ features, computed in float64. ``tests/test_detectron_weights.py`` rebuilds the 
 weights are too large to check in) and compares ``backbones.load_weights`` + ``ResNet`` against these features.
 
 Runs outside the test suite, with detectron2's source on the path (only its pure-Python modules are used, not the
-compiled extension) and its pure-Python dependencies installed::
+compiled extension: its ROIAlign is torchvision's op) and its pure-Python dependencies installed::
 
-    pip install "fvcore<0.1.6" "iopath<0.1.10" yacs termcolor tabulate cloudpickle "omegaconf<2.4"
+    pip install "fvcore<0.1.6" "iopath<0.1.10" yacs termcolor tabulate cloudpickle "omegaconf<2.4" pycocotools
     PYTHONPATH=/path/to/detectron2 python tools/make_detectron_reference.py
+
+``--compare-full-width`` prints how the library's detectron2-style Mask R-CNN at R50-FPN's real widths compares
+with detectron2 instead (too slow in float64 for the test suite).
 
 The small numpy pickles the tests read (``arrays-numpy{1,2}-protocol*.pkl``) come from ``--pickle-fixtures``, run
 once under numpy 1 and once under numpy 2. Importing this module needs numpy only: the test imports the generator
@@ -497,6 +500,38 @@ def write_detector_reference(name: str, case: DetectorCase, output: Path, keep_p
     return path
 
 
+# The real R50-FPN widths, for a one-off comparison (too slow in float64 for the test suite).
+FULL_WIDTH = DetectorCase("mask_rcnn", 64, 256, 1024, 256, 80, seed=7, image_sizes=((800, 1000),))
+
+
+def compare_full_width() -> None:
+    """Print how ``heads``' detectron2-style Mask R-CNN at R50-FPN's real widths compares with detectron2's, in
+    float64 and float32, against detectron2's float64 run (needs detectron2, like the references)."""
+    import tempfile
+
+    import torch
+
+    import heads
+
+    case = FULL_WIDTH
+    images = reference_images(case)
+    with tempfile.TemporaryDirectory() as tmp:
+        pkl = Path(tmp) / "full-width.pkl"
+        write_detectron2_pkl(detectron2_rcnn_state(case), pkl)
+        reference = _detectron2_detections(case, pkl, images, torch.float64)
+        single = _detectron2_detections(case, pkl, images, torch.float32)
+        print(f"detectron2 float32 vs float64: {_noise(reference, single)}")
+        model = heads.build_detector(case.kind, "resnet50", **case.build_options()).eval()
+        heads.load_weights(model, pkl)
+    for dtype in (torch.float64, torch.float32):
+        with torch.no_grad():
+            outputs = model.to(dtype)([torch.from_numpy(image).to(dtype) for image in images])
+        ours = [{"boxes": o["boxes"].double(), "scores": o["scores"].double(), "classes": o["labels"] - 1,
+                 "masks": o["masks"][:, 0] >= 0.5} for o in outputs]
+        print(f"heads {dtype} vs detectron2 float64: {_noise(reference, ours)}, "
+              f"{[len(r['boxes']) for r in reference]} detections")
+
+
 def _detectron2_features(case: Case, pkl: Path, image: np.ndarray) -> dict[str, Any]:
     import torch
     from detectron2.checkpoint import DetectionCheckpointer
@@ -537,7 +572,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--detectors", action="store_true", help="only write the detector references")
     parser.add_argument("--backbones", action="store_true", help="only write the backbone references")
+    parser.add_argument("--compare-full-width", action="store_true",
+                        help="only print heads vs detectron2 at R50-FPN's real widths (writes nothing)")
     args = parser.parse_args(argv)
+    if args.compare_full_width:
+        compare_full_width()
+        return 0
     args.output.mkdir(parents=True, exist_ok=True)
     if args.pickle_fixtures:
         for path in write_pickle_fixtures(args.output):
