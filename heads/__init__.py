@@ -1,5 +1,6 @@
-"""Detectors over the ResNet-FPN backbones: Faster R-CNN and Mask R-CNN (torchvision's conventions)."""
-from heads.build import DETECTORS, RESNET_BACKBONES, build_detector
+"""Detectors over the ResNet-FPN backbones: Faster R-CNN and Mask R-CNN (torchvision's conventions; detectron2's
+for its model zoo)."""
+from heads.build import DETECTORS, RESNET_BACKBONES, STYLES, build_detector
 from heads.detectors import VARIANTS, ClassAgnosticBoxPredictor, FasterRCNN, MaskRCNN
 from heads.export import DetectorForExport, export
 from heads.inputs import check_images, check_targets
@@ -23,6 +24,7 @@ __all__ = [
     "check_targets",
     "DETECTORS",
     "RESNET_BACKBONES",
+    "STYLES",
     "VARIANTS",
     "CLASS_SPECIFIC_PREFIXES",
 ]

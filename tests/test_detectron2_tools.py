@@ -4,6 +4,7 @@ from MSRA's Caffe2 ImageNet weights, under ``style: detectron2`` recipes."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,36 @@ def test_train_det_starts_from_msra_caffe2_imagenet_weights(coco_subset, tmp_pat
     assert torch.equal(state["backbone.body.conv1.weight"], torch.from_numpy(blobs["conv1_w"]))
     assert torch.equal(state["backbone.body.layer1.0.conv1.weight"], torch.from_numpy(blobs["res2_0_branch2a_w"]))
     assert torch.equal(state["backbone.body.bn1.weight"], torch.from_numpy(blobs["res_conv1_bn_s"]))
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs" / "detectron2").glob("*.yaml")))
+def test_detectron2_recipes_are_what_their_names_and_commands_say(name):
+    from tools.engine.det_config import build_config, model_spec
+
+    kind, depth, multiple = re.fullmatch(r"(faster_rcnn|mask_rcnn)_R(\d+)_FPN_(\d)x\.yaml", name).groups()
+    path = REPO / "configs" / "detectron2" / name
+    cfg, _ = build_config(path)
+    assert (cfg.style, cfg.detector, cfg.backbone, cfg.iters) == ("detectron2", kind, f"resnet{depth}",
+                                                                 int(multiple) * 90000)
+    text = path.read_text()
+    zoo = re.search(r"train_det.py --config (\S+) --weights (model_final_\w+\.pkl) --eval-only", text)
+    start = re.search(r"--nproc_per_node (\d+) tools/train_det.py --config (\S+) \\\s+#?\s*--pretrained R-(\d+)\.pkl",
+                      text)
+    assert zoo[1] == start[2] == f"configs/detectron2/{name}" and start[3] == depth
+    assert int(start[1]) * cfg.batch_size == cfg.base_batch_size  # the documented run trains at base_lr
+    spec = model_spec(cfg, num_classes=81)  # COCO: 80 classes and the background
+    assert spec["style"] == "detectron2" and spec["num_classes"] == 80
+    with torch.device("meta"):
+        model = heads.build_from_spec(spec)
+    assert isinstance(model.roi_heads.box_predictor, heads.detectron2.Detectron2BoxPredictor)
+    assert model.roi_heads.has_mask() == (kind == "mask_rcnn")
+
+
+def test_lsj_is_refused_for_detectron2_recipes():
+    from tools.engine.det_config import build_config
+
+    with pytest.raises(ValueError, match="lsj .* style torchvision"):
+        build_config(REPO / "configs" / "detectron2" / "faster_rcnn_R50_FPN_1x.yaml", {"lsj": True})

@@ -175,6 +175,9 @@ def check_config(cfg: DetTrainConfig, source: str | Path | None = None) -> None:
                          f"{cfg.warmup_factor}")
     if cfg.keep_best is not None:
         best_metric(cfg.keep_best, cfg.detector)
+    if cfg.lsj and cfg.style == "detectron2":
+        raise ValueError("lsj pads its images with torchvision's pixel mean, not detectron2's: use it with style "
+                         "torchvision")
     if cfg.copy_paste > 0 and cfg.detector != "mask_rcnn":
         raise ValueError(f"copy_paste needs instance masks: use it with detector mask_rcnn, got {cfg.detector}")
     given = [cfg.train_images, cfg.train_ann, cfg.val_images, cfg.val_ann]
