@@ -8,7 +8,7 @@ Examples:
     python tools/eval_coco.py --weights maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth --detector mask_rcnn ...
     # test-time augmentation: flip x three sizes (0.75, 1, 1.25 x the model's), merged as detectron2 does
     python tools/eval_coco.py --weights output/det/model_final.pth ... --tta [--tta-sizes 600 800 1000]
-    # an existing results file (bbox, plus segm when the results carry segmentations)
+    # an existing results file (bbox when the results carry boxes, segm when they carry segmentations)
     python tools/eval_coco.py --results coco_results.json --val-ann instances_val2017.json --output-dir output/eval
 
 Both print the standard 12-number table per IoU type and write OUTPUT_DIR/metrics.json (the 12 numbers and

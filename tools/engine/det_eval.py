@@ -193,7 +193,8 @@ def _keep_labels(output: dict[str, Tensor], mapping: dict[int, int]) -> dict[str
 
 def score_results_file(results: str | Path, val_ann: str | Path, output_dir: str | Path,
                        allow_outside_root: bool = False) -> dict[str, dict[str, float]]:
-    """Score an existing COCO results file: ``bbox``, plus ``segm`` when every result has a segmentation.
+    """Score an existing COCO results file: ``bbox`` when every result has a box, ``segm`` when every result has a
+    segmentation.
 
     The ground truth goes through the same checks as in training (:class:`CocoDetection`).
     Prints the table and writes ``OUTPUT_DIR/metrics.json`` and ``OUTPUT_DIR/pr_curves.png``; returns the 12
@@ -205,7 +206,12 @@ def score_results_file(results: str | Path, val_ann: str | Path, output_dir: str
     try:
         if segm:
             check_result_masks(entries, gt.coco)
-        evaluation = evaluate_coco_details(gt.coco, entries, ("bbox", "segm") if segm else ("bbox",))
+        boxes = not entries or all(r.get("bbox") is not None for r in entries)
+        iou_types = (("bbox",) if boxes else ()) + (("segm",) if segm else ())
+        if not iou_types:
+            raise ValueError("some results have only a box and others only a segmentation; give every result a "
+                             "'bbox', or every result a 'segmentation'")
+        evaluation = evaluate_coco_details(gt.coco, entries, iou_types)
     except ValueError as e:
         raise ValueError(f"{results}: {e}") from None
     write_eval(Path(output_dir), evaluation, None)
