@@ -3,6 +3,9 @@ import contextlib
 import copy
 import io
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,10 +15,12 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from tools.engine.coco_dataset import CocoDetection
-from tools.engine.det_eval import score_results_file
 from tools.engine.coco_results import detections_to_coco_results
 from tools.engine.coco_eval import METRIC_NAMES, evaluate_coco, write_metrics
 from tools.engine.coco_results import load_results, results_have_segm, validate_results
+from tools.engine.det_eval import score_results_file
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +147,19 @@ def test_results_file_of_masks_only_or_boxes_only(gt, coco_varied, tmp_path):
         score_results_file(path, coco_varied["val_ann"], tmp_path / "mixed")
     with pytest.raises(ValueError, match="not every result has a 'bbox'"):
         evaluate_coco(gt, masks_only, iou_types=("bbox",))
+
+
+def test_scoring_a_results_file_imports_no_torch(gt, coco_varied, tmp_path):
+    """eval_coco.py --results skips the seconds that importing torch takes (BENCHMARKS.md, COCO evaluation)."""
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(_gt_as_results(gt)))
+    code = ("import sys; from tools import eval_coco; "
+            f"rc = eval_coco.main(['--results', {str(path)!r}, '--val-ann', {str(coco_varied['val_ann'])!r}, "
+            f"'--output-dir', {str(tmp_path / 'out')!r}]); "
+            "print(rc, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.stdout.split()[-2:] == ["0", "False"], done.stdout + done.stderr
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["segm"]["AP"] == pytest.approx(1.0)
 
 
 def test_results_have_segm():

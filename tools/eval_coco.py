@@ -1,4 +1,4 @@
-"""COCO evaluation (pycocotools) of a detector checkpoint, or of an existing results file.
+"""COCO evaluation (pycocotools' metrics, computed by faster-coco-eval) of a detector checkpoint, or of a results file.
 
 Examples:
     # a checkpoint (ours rebuilds itself from its metadata; flags override it)
@@ -21,14 +21,18 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 if __package__ in (None, ""):  # a script in the clone: only backbones and heads are installed, tools is not
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.engine.det_eval import evaluate_checkpoint, score_results_file
-from tools.engine.det_model import add_detector_flags, detector_overrides
-from tools.engine.det_tta import TTASettings
+# --results imports no torch (seconds of a short run): the checkpoint path's modules are imported where used.
+from tools.engine.coco_eval import score_results_file
+from tools.engine.det_flags import add_detector_flags, detector_overrides
 from tools.engine.errors import USER_ERRORS, report
+
+if TYPE_CHECKING:
+    from tools.engine.det_tta import TTASettings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,6 +77,8 @@ def tta_settings(args: argparse.Namespace) -> TTASettings | None:
     if args.results is not None:
         raise ValueError("--tta needs --weights (a results file is scored as it is)")
     sizes = tuple(args.tta_sizes) if args.tta_sizes is not None else None
+    from tools.engine.det_tta import TTASettings
+
     return TTASettings(sizes=sizes, flip=not args.no_tta_flip, max_size=args.tta_max_size)
 
 
@@ -86,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if args.val_images is None:
                 raise ValueError("--weights needs --val-images")
+            from tools.engine.det_eval import evaluate_checkpoint
+
             evaluate_checkpoint(args.weights, args.val_images, args.val_ann, args.output_dir, detector_overrides(args),
                                 device=args.device, batch_size=args.batch_size, workers=args.workers,
                                 allow_outside_root=args.allow_outside_root, bf16=args.bf16,

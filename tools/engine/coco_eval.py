@@ -17,10 +17,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from faster_coco_eval import COCO as FasterCOCO
@@ -30,10 +32,13 @@ from faster_coco_eval.core.mask import toBbox as mask_to_bbox
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import Params
 
-from tools.engine.coco_results import load_results, results_have_segm, validate_results
+from tools.engine.coco_annotations import checked_coco
+from tools.engine.coco_results import check_result_masks, load_results, results_have_segm, validate_results
 
 __all__ = ["METRIC_NAMES", "IOU_TYPES", "CocoEvaluation", "evaluate_coco", "evaluate_coco_details",
-           "category_keys", "write_metrics"]
+           "category_keys", "write_metrics", "write_eval", "score_results_file"]
+
+logger = logging.getLogger(__name__)
 
 # Same order as COCOeval.stats.
 METRIC_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl",
@@ -241,3 +246,48 @@ def write_metrics(path: str | Path, metrics: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+
+
+def write_eval(out: Path, evaluation: CocoEvaluation, results: list[dict] | None,
+               extra: dict[str, Any] | None = None) -> None:
+    """Write ``coco_results.json`` (unless ``results`` is None), ``metrics.json`` (``extra`` keys added) and
+    ``pr_curves.png`` into ``out``."""
+    from tools.engine.plots import plot_pr_curves  # matplotlib: only where a picture is drawn
+
+    out.mkdir(parents=True, exist_ok=True)
+    if results is not None:
+        (out / "coco_results.json").write_text(json.dumps(results))
+    write_metrics(out / "metrics.json", {**evaluation.to_json(), **(extra or {})})
+    plot_pr_curves(evaluation, out / "pr_curves.png")
+
+
+def score_results_file(results: str | Path, val_ann: str | Path, output_dir: str | Path,
+                       allow_outside_root: bool = False) -> dict[str, dict[str, float]]:
+    """Score an existing COCO results file: ``bbox`` when every result has a box, ``segm`` when every result has a
+    segmentation (the body of ``tools/eval_coco.py --results``, which imports no torch).
+
+    The ground truth goes through the same checks as in training
+    (:func:`tools.engine.coco_annotations.checked_coco`, as :class:`tools.engine.coco_dataset.CocoDetection` does).
+    Prints the table and writes ``OUTPUT_DIR/metrics.json`` and ``OUTPUT_DIR/pr_curves.png``; returns the 12
+    numbers per IoU type.
+    """
+    entries = load_results(results)
+    segm = results_have_segm(entries)
+    gt, checked = checked_coco(val_ann, Path(val_ann).parent, with_masks=segm, allow_outside_root=allow_outside_root)
+    dropped = ", ".join(f"{k}={v}" for k, v in checked.dropped.items() if v)
+    logger.log(logging.WARNING if dropped or checked.clipped else logging.INFO,
+               "%s: %d images, %d annotations kept; dropped: %s; clipped boxes: %d", val_ann, len(gt.imgs),
+               len(gt.anns), dropped or "none", checked.clipped)
+    try:
+        if segm:
+            check_result_masks(entries, gt)
+        boxes = not entries or all(r.get("bbox") is not None for r in entries)
+        iou_types = (("bbox",) if boxes else ()) + (("segm",) if segm else ())
+        if not iou_types:
+            raise ValueError("some results have only a box and others only a segmentation; give every result a "
+                             "'bbox', or every result a 'segmentation'")
+        evaluation = evaluate_coco_details(gt, entries, iou_types)
+    except ValueError as e:
+        raise ValueError(f"{results}: {e}") from None
+    write_eval(Path(output_dir), evaluation, None)
+    return evaluation.metrics

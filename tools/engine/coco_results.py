@@ -5,15 +5,17 @@ import itertools
 from collections.abc import Iterable, Sequence
 from numbers import Integral
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from tools.engine.coco_annotations import compressed_rle_length
 from tools.engine.values import finite_number, read_json
+
+if TYPE_CHECKING:  # the results-file path (tools/eval_coco.py --results) runs without importing torch
+    import torch
 
 __all__ = ["detections_to_coco_results", "validate_results", "check_result_masks", "load_results", "results_have_segm"]
 

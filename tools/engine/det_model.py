@@ -4,7 +4,6 @@ says), :func:`load_start_weights` for a run's starting point, :func:`load_detect
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import typing
 from collections.abc import Mapping
@@ -18,6 +17,7 @@ import backbones
 import heads
 from tools.engine.checkpoint import load_run_file
 from tools.engine.config import check_options, keyword_hints
+from tools.engine.det_flags import add_detector_flags, detector_overrides
 
 __all__ = ["check_model_spec", "build_model", "load_start_weights", "load_detector", "for_inference",
            "add_detector_flags", "detector_overrides"]
@@ -204,20 +204,3 @@ def for_inference(model: nn.Module, bf16: bool, compile: bool) -> nn.Module:
     if not (bf16 or compile):
         return model
     return backbones.optimize_for_inference(model, bf16=bf16, compile=compile)
-
-
-def add_detector_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags with which a tool replaces what a checkpoint says about its detector (see
-    :func:`detector_overrides`); unset ones keep the checkpoint's. Their values are checked with the spec."""
-    parser.add_argument("--detector", help="faster_rcnn or mask_rcnn (default: the checkpoint's)")
-    parser.add_argument("--backbone", help="the detector's backbone (default: the checkpoint's)")
-    parser.add_argument("--variant", help="v1 or v2 heads (default: the checkpoint's)")
-    parser.add_argument("--num-classes", type=int, help="classes including background (default: the checkpoint's)")
-    parser.add_argument("--min-size", type=int, help="shorter side the detector resizes to (default: the checkpoint's)")
-    parser.add_argument("--max-size", type=int, help="longer side cap (default: the checkpoint's)")
-
-
-def detector_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``overrides`` of :func:`load_detector` from the flags of :func:`add_detector_flags` (None = not given)."""
-    return {"kind": args.detector, "backbone": args.backbone, "variant": args.variant,
-            "num_classes": args.num_classes, "min_size": args.min_size, "max_size": args.max_size}
