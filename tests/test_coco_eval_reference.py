@@ -11,6 +11,7 @@ import contextlib
 import copy
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,7 +34,7 @@ def _coco(data: dict) -> COCO:
 
 
 def _read(path) -> COCO:
-    return _coco(json.loads(open(path).read()))
+    return _coco(json.loads(Path(path).read_text()))
 
 
 def _rle(mask: np.ndarray) -> dict:

@@ -206,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {side}: {times[side][-1]:.2f} s", flush=True)
         ours, theirs = statistics.median(times["eval_coco"]), statistics.median(times["pycocotools"])
         rows.append((name, num_images, ours, theirs, _max_difference(numbers["eval_coco"], numbers["pycocotools"])))
-    print(f"| case | images × detections | eval_coco.py --results s | pycocotools s | speed-up | max |Δ| of the "
-          f"12 numbers |")
+    print("| case | images × detections | eval_coco.py --results s | pycocotools s | speed-up | max \\|Δ\\| of the "
+          "12 numbers |")
     print("|---|---|---|---|---|---|")
     for name, num_images, ours, theirs, difference in rows:
         print(f"| {name} | {num_images:,} × {args.dets} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f}× | "
