@@ -15,6 +15,8 @@ setup(
         "torchvision>=0.19,<=0.29.1",
         "timm>=1.0,<2",
         "pycocotools>=2.0.7",
+        # COCOeval's matching and accumulation in C++ (tools/engine/coco_eval.py); numpy is its only dependency.
+        "faster-coco-eval>=1.8,<2",
         "safetensors>=0.4",
         "tqdm>=4.60",
         "tensorboard>=2.14",

@@ -3,6 +3,9 @@ import contextlib
 import copy
 import io
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +17,10 @@ from pycocotools.cocoeval import COCOeval
 from tools.engine.coco_dataset import CocoDetection
 from tools.engine.coco_results import detections_to_coco_results
 from tools.engine.coco_eval import METRIC_NAMES, evaluate_coco, write_metrics
-from tools.engine.coco_results import load_results, results_have_segm
+from tools.engine.coco_results import load_results, results_have_segm, validate_results
+from tools.engine.coco_eval import score_results_file
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +130,38 @@ def test_results_file_and_metrics_file(gt, tmp_path):
     assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == metrics
 
 
+def test_results_file_of_masks_only_or_boxes_only(gt, coco_varied, tmp_path):
+    """A results file is scored for the kinds every result carries; a mix without a common kind is refused."""
+    results = _gt_as_results(gt)
+    masks_only = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+    boxes_only = [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
+    for name, entries, kinds in (("masks", masks_only, {"segm"}), ("boxes", boxes_only, {"bbox"}),
+                                 ("both", results, {"bbox", "segm"})):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(entries))
+        metrics = score_results_file(path, coco_varied["val_ann"], tmp_path / name)
+        assert set(metrics) == kinds and all(metrics[k]["AP"] == pytest.approx(1.0) for k in kinds)
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(masks_only[:3] + boxes_only[3:]))
+    with pytest.raises(ValueError, match="only a box and others only a segmentation"):
+        score_results_file(path, coco_varied["val_ann"], tmp_path / "mixed")
+    with pytest.raises(ValueError, match="not every result has a 'bbox'"):
+        evaluate_coco(gt, masks_only, iou_types=("bbox",))
+
+
+def test_scoring_a_results_file_imports_no_torch(gt, coco_varied, tmp_path):
+    """eval_coco.py --results skips the seconds that importing torch takes (BENCHMARKS.md, COCO evaluation)."""
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(_gt_as_results(gt)))
+    code = ("import sys; from tools import eval_coco; "
+            f"rc = eval_coco.main(['--results', {str(path)!r}, '--val-ann', {str(coco_varied['val_ann'])!r}, "
+            f"'--output-dir', {str(tmp_path / 'out')!r}]); "
+            "print(rc, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.stdout.split()[-2:] == ["0", "False"], done.stdout + done.stderr
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["segm"]["AP"] == pytest.approx(1.0)
+
+
 def test_results_have_segm():
     box = {"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 1.0}
     segm = dict(box, segmentation={"size": [2, 2], "counts": "04"})
@@ -145,6 +183,31 @@ def test_bad_results_file(tmp_path, content, message):
     with pytest.raises(ValueError, match=message) as info:
         load_results(path)
     assert str(path) in str(info.value)
+
+
+def test_validation_of_large_result_lists():
+    """Plain JSON results are checked a column at a time; anything else falls back to the entry-by-entry checks,
+    which accept numpy numbers and name the first bad entry wherever it is."""
+    box = {"image_id": 1, "category_id": 1, "bbox": [0, 0.5, 1, 2.5], "score": 0.5}
+    segm = dict(box, segmentation={"size": [2, 2], "counts": "04"})
+    good = [dict(box) for _ in range(500)] + [dict(segm) for _ in range(500)]
+    assert validate_results(good) is good
+    with_numpy = good + [{"image_id": np.int64(1), "category_id": 1, "bbox": [np.float32(0), 0, 1, 1],
+                          "score": np.float64(0.5)}]
+    assert validate_results(with_numpy) is with_numpy
+    segm_only = [{k: v for k, v in r.items() if k != "bbox"} for r in good[500:]]
+    assert validate_results(segm_only) is segm_only
+    for bad, message in [(dict(box, score=float("inf")), "score must be"), (dict(box, score=10**400), "score must be"),
+                         (dict(box, score=True), "score must be"), (dict(box, image_id=True), "image_id must be"),
+                         (dict(box, category_id=1.0), "category_id must be"),
+                         (dict(box, bbox=[0, 0, 1, True]), "bbox must be"), (dict(box, bbox=[0, 0, 1]), "bbox must be"),
+                         (dict(box, bbox=[0, 0, 1, float("nan")]), "bbox must be"),
+                         (dict(segm, segmentation={"size": [2, True], "counts": "04"}), "segmentation must be"),
+                         (dict(segm, segmentation={"size": [2, 2], "counts": [0, 4]}), "segmentation must be"),
+                         ({k: v for k, v in box.items() if k != "bbox"}, "bbox or segmentation"),
+                         ({k: v for k, v in box.items() if k != "score"}, "missing"), ([1, 2], "not an object")]:
+        with pytest.raises(ValueError, match=f"result #1000 .*{message}"):
+            validate_results(good + [bad])
 
 
 def test_bad_arguments(gt):

@@ -20,7 +20,8 @@ from tools.engine.coco_dataset import CocoDetection
 from tools.engine.coco_eval import METRIC_NAMES, category_keys, evaluate_coco, evaluate_coco_details
 from tools.engine.config import load_config
 from tools.engine.det_config import DetTrainConfig, model_spec
-from tools.engine.det_eval import evaluate, write_eval
+from tools.engine.coco_eval import write_eval
+from tools.engine.det_eval import evaluate
 from tools.engine.det_loader import build_det_loader
 from heads.spec import build_from_spec
 from tools.engine.plots import plot_pr_curves

@@ -1,4 +1,4 @@
-"""COCO evaluation (pycocotools) of a detector checkpoint, or of an existing results file.
+"""COCO evaluation (pycocotools' metrics, computed by faster-coco-eval) of a detector checkpoint, or of a results file.
 
 Examples:
     # a checkpoint (ours rebuilds itself from its metadata; flags override it)
@@ -8,7 +8,7 @@ Examples:
     python tools/eval_coco.py --weights maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth --detector mask_rcnn ...
     # test-time augmentation: flip x three sizes (0.75, 1, 1.25 x the model's), merged as detectron2 does
     python tools/eval_coco.py --weights output/det/model_final.pth ... --tta [--tta-sizes 600 800 1000]
-    # an existing results file (bbox, plus segm when the results carry segmentations)
+    # an existing results file (bbox when the results carry boxes, segm when they carry segmentations)
     python tools/eval_coco.py --results coco_results.json --val-ann instances_val2017.json --output-dir output/eval
 
 Both print the standard 12-number table per IoU type and write OUTPUT_DIR/metrics.json (the 12 numbers and
@@ -25,9 +25,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # a script in the clone: only backbones and heads are installed, tools is not
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.engine.det_eval import evaluate_checkpoint, score_results_file
-from tools.engine.det_model import add_detector_flags, detector_overrides
-from tools.engine.det_tta import add_tta_flags, tta_settings
+# --results imports no torch (seconds of a short run): the checkpoint path's modules are imported where used.
+from tools.engine.coco_eval import score_results_file
+from tools.engine.det_flags import add_detector_flags, add_tta_flags, detector_overrides, tta_settings
 from tools.engine.errors import USER_ERRORS, report
 
 
@@ -59,14 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        tta = tta_settings(args)
-        if tta is not None and args.results is not None:
+        if args.tta and args.results is not None:
             raise ValueError("--tta needs --weights (a results file is scored as it is)")
+        tta = tta_settings(args)
         if args.results is not None:
             score_results_file(args.results, args.val_ann, args.output_dir, args.allow_outside_root)
         else:
             if args.val_images is None:
                 raise ValueError("--weights needs --val-images")
+            from tools.engine.det_eval import evaluate_checkpoint
+
             evaluate_checkpoint(args.weights, args.val_images, args.val_ann, args.output_dir, detector_overrides(args),
                                 device=args.device, batch_size=args.batch_size, workers=args.workers,
                                 allow_outside_root=args.allow_outside_root, bf16=args.bf16,

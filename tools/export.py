@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # a script in the clone: only backbones and heads
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools.engine.deploy import export_checkpoint
-from tools.engine.det_model import add_detector_flags, detector_overrides
+from tools.engine.det_flags import add_detector_flags, detector_overrides
 from tools.engine.errors import USER_ERRORS, report
 
 

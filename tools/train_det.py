@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # a script in the clone: only backbones and heads
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools.engine.det_train import run_from_args
-from tools.engine.det_tta import add_tta_flags, tta_settings
+from tools.engine.det_flags import add_tta_flags, tta_settings
 from tools.engine.errors import USER_ERRORS, report
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "shapes.yaml"

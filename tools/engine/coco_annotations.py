@@ -5,6 +5,8 @@ what it dropped, clipped and recomputed (the rules are listed on :class:`tools.e
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 from dataclasses import dataclass, field
@@ -12,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
 
-from tools.engine.values import finite_number, is_int, is_number
+from tools.engine.values import finite_number, is_int, is_number, read_json
 
-__all__ = ["DROP_REASONS", "Validated", "validate_annotations", "ann_to_rle", "compressed_rle_length"]
+__all__ = ["DROP_REASONS", "Validated", "validate_annotations", "checked_coco", "ann_to_rle", "compressed_rle_length"]
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +133,19 @@ class Validated:
     dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
     clipped: int = 0            # boxes clipped to their image
     recomputed_areas: int = 0   # negative or non-finite areas replaced
+
+
+def checked_coco(ann_file: str | Path, images_dir: str | Path, *, with_masks: bool,
+                 allow_outside_root: bool = False) -> tuple[COCO, Validated]:
+    """The annotation file read, checked (:func:`validate_annotations`) and indexed as a pycocotools ``COCO``; also
+    what the checks dropped, clipped and recomputed."""
+    checked = validate_annotations(read_json(ann_file, "annotation file"), ann_file, images_dir,
+                                   with_masks=with_masks, allow_outside_root=allow_outside_root)
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "creating index..."
+        coco = COCO()
+        coco.dataset = checked.data
+        coco.createIndex()
+    return coco, checked
 
 
 def validate_annotations(data: Any, ann_file: str | Path, images_dir: str | Path, *, with_masks: bool,

@@ -12,8 +12,6 @@ Example::
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -24,15 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
 
-from tools.engine.coco_annotations import ann_to_rle, validate_annotations
+from tools.engine.coco_annotations import ann_to_rle, checked_coco
 from tools.engine.images import read_rgb_array
-from tools.engine.values import is_int, read_json
+from tools.engine.values import is_int
 
 __all__ = ["CocoDetection", "load_rgb_image", "build_det_transforms", "lsj_detector_options", "boxes_from_masks",
            "collate_detection"]
@@ -133,16 +130,12 @@ class CocoDetection(Dataset):
         self.ann_file = Path(ann_file)
         self.transforms = transforms
         self.with_masks = with_masks
-        checked = validate_annotations(read_json(self.ann_file, "annotation file"), self.ann_file, self.images_dir,
-                                       with_masks=with_masks, allow_outside_root=allow_outside_root)
+        self.coco, checked = checked_coco(self.ann_file, self.images_dir, with_masks=with_masks,
+                                          allow_outside_root=allow_outside_root)
         data = checked.data
         self.dropped: dict[str, int] = checked.dropped
         self.clipped = checked.clipped
         self.recomputed_areas = checked.recomputed_areas
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "creating index..."
-            self.coco = COCO()
-            self.coco.dataset = data
-            self.coco.createIndex()
 
         self.cat_ids: list[int] = sorted(self.coco.cats)
         self.cat_id_to_label: dict[int, int] = {c: i + 1 for i, c in enumerate(self.cat_ids)}

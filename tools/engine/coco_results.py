@@ -1,18 +1,21 @@
 """COCO results: made from detections, read from files, and checked before scoring."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterable, Sequence
 from numbers import Integral
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from tools.engine.coco_annotations import compressed_rle_length
 from tools.engine.values import finite_number, read_json
+
+if TYPE_CHECKING:  # the results-file path (tools/eval_coco.py --results) runs without importing torch
+    import torch
 
 __all__ = ["detections_to_coco_results", "validate_results", "check_result_masks", "load_results", "results_have_segm"]
 
@@ -76,6 +79,8 @@ def validate_results(results: Any, source: str = "results") -> list[dict]:
     """
     if not isinstance(results, list):
         raise ValueError(f"{source}: COCO results must be a JSON list of objects, got {type(results).__name__}")
+    if _plain_results(results):
+        return results
     for i, res in enumerate(results):
         if not isinstance(res, dict):
             raise ValueError(f"{source}: result #{i} is not an object: {res!r}")
@@ -99,6 +104,51 @@ def validate_results(results: Any, source: str = "results") -> list[dict]:
             raise ValueError(f"{source}: result #{i} segmentation must be a compressed RLE dict: size [height, width] "
                              "and counts a string")
     return results
+
+
+def _types(values: Iterable[Any]) -> set[type]:
+    return set(map(type, values))
+
+
+def _finite_floats(values: list[Any]) -> bool:
+    """Whether every value is a plain int or float (no bool) that is finite as a float."""
+    if not _types(values) <= {int, float}:
+        return False
+    try:
+        return bool(np.isfinite(np.asarray(values, dtype=np.float64)).all())
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _plain_results(results: list[Any]) -> bool:
+    """True when every result passes :func:`validate_results`' checks as plain JSON values (dicts, lists, str, int,
+    float), checked a column at a time with builtins and numpy: 200,000 results take a fraction of a second instead
+    of seconds entry by entry. False means "look closer", not "invalid": the caller then checks entry by entry, which
+    also accepts other number types (numpy scalars) and names the first bad entry."""
+    if not _types(results) <= {dict}:
+        return False
+    try:
+        image_ids = [r["image_id"] for r in results]
+        cat_ids = [r["category_id"] for r in results]
+        scores = [r["score"] for r in results]
+    except KeyError:
+        return False
+    if not (_types(image_ids) <= {int} and _types(cat_ids) <= {int} and _finite_floats(scores)):
+        return False
+    boxes = [r.get("bbox") for r in results]
+    segms = [r.get("segmentation") for r in results]
+    if any(b is None and s is None for b, s in zip(boxes, segms)):
+        return False
+    boxes = [b for b in boxes if b is not None]
+    if not (_types(boxes) <= {list} and set(map(len, boxes)) <= {4}
+            and _finite_floats(list(itertools.chain.from_iterable(boxes)))):
+        return False
+    segms = [s for s in segms if s is not None]
+    if not _types(segms) <= {dict}:
+        return False
+    sizes = [s.get("size") for s in segms]
+    return (_types(s.get("counts") for s in segms) <= {str} and _types(sizes) <= {list}
+            and set(map(len, sizes)) <= {2} and _types(itertools.chain.from_iterable(sizes)) <= {int})
 
 
 def check_result_masks(results: Sequence[dict], gt: COCO) -> None:

@@ -1,12 +1,11 @@
-"""Detection evaluation: COCO metrics of a model during training (:func:`evaluate`, every rank), of a checkpoint
-(:func:`evaluate_checkpoint`, the body of ``tools/eval_coco.py``, optionally with test-time augmentation) and of a
-results file (:func:`score_results_file`).
+"""Detection evaluation: COCO metrics of a model during training (:func:`evaluate`, every rank) and of a checkpoint
+(:func:`evaluate_checkpoint`, the body of ``tools/eval_coco.py --weights``, optionally with test-time augmentation);
+a results file is scored by :func:`tools.engine.coco_eval.score_results_file`.
 
 Each writes ``metrics.json`` (:meth:`CocoEvaluation.to_json`: the 12 numbers per IoU type and ``per_category``
 AP) and ``pr_curves.png`` (:func:`tools.engine.plots.plot_pr_curves`) into its output folder."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,8 +15,8 @@ from torch import Tensor, nn
 
 from tools.engine.checkpoint import CheckpointManager
 from tools.engine.coco_dataset import CocoDetection
-from tools.engine.coco_eval import CocoEvaluation, evaluate_coco_details, write_metrics
-from tools.engine.coco_results import check_result_masks, detections_to_coco_results, load_results, results_have_segm
+from tools.engine.coco_eval import CocoEvaluation, evaluate_coco_details, write_eval
+from tools.engine.coco_results import detections_to_coco_results
 from tools.engine.det_config import DetTrainConfig, dataset_paths
 from tools.engine.det_loader import build_det_loader
 from heads.spec import load_detector
@@ -25,13 +24,11 @@ from tools.engine.det_model import for_inference
 from tools.engine.det_tta import DetectorWithTTA, TTASettings
 from tools.engine.distributed import all_gather_object, is_main_process
 from tools.engine.faults import crash_point
-from tools.engine.plots import plot_pr_curves
 from tools.engine.runner import default_device
 from tools.engine.train_utils import AmpSettings, autocast
 from tools.engine.visualize import draw_detections, save_grid
 
-__all__ = ["evaluate", "write_eval", "prediction_grid", "evaluate_config", "evaluate_checkpoint",
-           "score_results_file"]
+__all__ = ["evaluate", "prediction_grid", "evaluate_config", "evaluate_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +45,9 @@ def evaluate(
 ) -> tuple[CocoEvaluation | None, list[dict] | None]:
     """COCO-evaluate ``model`` on ``loader`` (this rank's share of ``dataset``); returns ``(evaluation, results)``.
 
-    Every rank runs its images; rank 0 gathers all detections (``all_gather_object``), scores
-    them with pycocotools against ``dataset.coco`` (``bbox``, plus ``segm`` for Mask R-CNN)
-    and returns them; other ranks get ``(None, None)``. The model is left in eval mode.
+    Every rank runs its images; rank 0 gathers all detections (``all_gather_object``), scores them
+    (:func:`tools.engine.coco_eval.evaluate_coco_details`) against ``dataset.coco`` (``bbox``, plus ``segm`` for
+    Mask R-CNN) and returns them; other ranks get ``(None, None)``. The model is left in eval mode.
     ``evaluation.metrics`` holds the 12 numbers per IoU type.
     """
     model.eval()
@@ -70,17 +67,6 @@ def evaluate(
     results = [r for part in gathered for r in part]
     iou_types = iou_types or (("bbox", "segm") if has_masks else ("bbox",))
     return evaluate_coco_details(dataset.coco, results, iou_types), results
-
-
-def write_eval(out: Path, evaluation: CocoEvaluation, results: list[dict] | None,
-               extra: dict[str, Any] | None = None) -> None:
-    """Write ``coco_results.json`` (unless ``results`` is None), ``metrics.json`` (``extra`` keys added) and
-    ``pr_curves.png`` into ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    if results is not None:
-        (out / "coco_results.json").write_text(json.dumps(results))
-    write_metrics(out / "metrics.json", {**evaluation.to_json(), **(extra or {})})
-    plot_pr_curves(evaluation, out / "pr_curves.png")
 
 
 def prediction_grid(model: nn.Module, dataset: CocoDetection, count: int, device: torch.device,
@@ -194,24 +180,3 @@ def evaluate_checkpoint(
 def _keep_labels(output: dict[str, Tensor], mapping: dict[int, int]) -> dict[str, Tensor]:
     keep = torch.tensor([int(label) in mapping for label in output["labels"].tolist()], dtype=torch.bool)
     return {k: v[keep.to(v.device)] for k, v in output.items()}
-
-
-def score_results_file(results: str | Path, val_ann: str | Path, output_dir: str | Path,
-                       allow_outside_root: bool = False) -> dict[str, dict[str, float]]:
-    """Score an existing COCO results file: ``bbox``, plus ``segm`` when every result has a segmentation.
-
-    The ground truth goes through the same checks as in training (:class:`CocoDetection`).
-    Prints the table and writes ``OUTPUT_DIR/metrics.json`` and ``OUTPUT_DIR/pr_curves.png``; returns the 12
-    numbers per IoU type.
-    """
-    entries = load_results(results)
-    segm = results_have_segm(entries)
-    gt = CocoDetection(Path(val_ann).parent, val_ann, None, with_masks=segm, allow_outside_root=allow_outside_root)
-    try:
-        if segm:
-            check_result_masks(entries, gt.coco)
-        evaluation = evaluate_coco_details(gt.coco, entries, ("bbox", "segm") if segm else ("bbox",))
-    except ValueError as e:
-        raise ValueError(f"{results}: {e}") from None
-    write_eval(Path(output_dir), evaluation, None)
-    return evaluation.metrics

@@ -1,18 +1,16 @@
-"""Detectors in the tools: :func:`load_start_weights` for a run's starting point, :func:`for_inference`, and the flags
-with which a tool overrides what a checkpoint says (``heads.load_detector`` rebuilds it)."""
+"""Detectors in the tools: :func:`load_start_weights` for a run's starting point and :func:`for_inference`
+(``heads.load_detector`` rebuilds a checkpoint's detector; ``det_flags`` holds the flags that override it)."""
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
-from typing import Any
 
 from torch import nn
 
 import backbones
 import heads
 
-__all__ = ["load_start_weights", "for_inference", "add_detector_flags", "detector_overrides"]
+__all__ = ["load_start_weights", "for_inference"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,20 +43,3 @@ def for_inference(model: nn.Module, bf16: bool, compile: bool) -> nn.Module:
     if not (bf16 or compile):
         return model
     return backbones.optimize_for_inference(model, bf16=bf16, compile=compile)
-
-
-def add_detector_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags with which a tool replaces what a checkpoint says about its detector (see
-    :func:`detector_overrides`); unset ones keep the checkpoint's. Their values are checked with the spec."""
-    parser.add_argument("--detector", help="faster_rcnn or mask_rcnn (default: the checkpoint's)")
-    parser.add_argument("--backbone", help="the detector's backbone (default: the checkpoint's)")
-    parser.add_argument("--variant", help="v1 or v2 heads (default: the checkpoint's)")
-    parser.add_argument("--num-classes", type=int, help="classes including background (default: the checkpoint's)")
-    parser.add_argument("--min-size", type=int, help="shorter side the detector resizes to (default: the checkpoint's)")
-    parser.add_argument("--max-size", type=int, help="longer side cap (default: the checkpoint's)")
-
-
-def detector_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``overrides`` of ``heads.load_detector`` from the flags of :func:`add_detector_flags` (None = not given)."""
-    return {"kind": args.detector, "backbone": args.backbone, "variant": args.variant,
-            "num_classes": args.num_classes, "min_size": args.min_size, "max_size": args.max_size}

@@ -44,7 +44,8 @@ from tools.engine.checkpoint import export_weights, save_checkpoint
 from tools.engine.config import ema_decay_for_run
 from tools.engine.copy_paste import CopyPaste
 from tools.engine.det_config import DetTrainConfig, best_metric, build_config, check_config, dataset_paths, model_spec
-from tools.engine.det_eval import evaluate, evaluate_config, prediction_grid, write_eval
+from tools.engine.coco_eval import write_eval
+from tools.engine.det_eval import evaluate, evaluate_config, prediction_grid
 from tools.engine.det_loader import InfiniteBatches, build_det_loader
 from heads.spec import build_from_spec
 from tools.engine.det_model import load_start_weights

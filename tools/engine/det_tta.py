@@ -20,7 +20,6 @@ Example:
 """
 from __future__ import annotations
 
-import argparse
 import copy
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -35,7 +34,7 @@ from torchvision.models.detection.transform import resize_boxes
 from heads.inputs import check_images
 from heads.postprocess import grouped_nms, paste_masks_in_image
 
-__all__ = ["DEFAULT_SCALES", "TTASettings", "Augmentation", "DetectorWithTTA", "hflip_boxes", "add_tta_flags", "tta_settings"]
+__all__ = ["DEFAULT_SCALES", "TTASettings", "Augmentation", "DetectorWithTTA", "hflip_boxes"]
 
 # Default test sizes, as fractions of the model's own: a narrower band than detectron2's 0.5-1.5 x 800 (9 sizes),
 # at a third of the cost (3 sizes x 2 flips).
@@ -70,31 +69,6 @@ class TTASettings:
     def to_json(self) -> dict[str, Any]:
         return {"sizes": list(self.sizes) if self.sizes is not None else None, "flip": self.flip,
                 "max_size": self.max_size}
-
-
-def add_tta_flags(parser: argparse.ArgumentParser) -> None:
-    """The ``--tta*`` flags of the evaluating tools; read them with :func:`tta_settings`."""
-    tta = parser.add_argument_group("test-time augmentation")
-    tta.add_argument("--tta", action="store_true",
-                     help="run every test size with and without horizontal flip; merge boxes per class by NMS and "
-                          "average the masks of the merged boxes")
-    tta.add_argument("--tta-sizes", type=int, nargs="*", metavar="PIXELS",
-                     help="shorter sides to test at (default: 0.75, 1 and 1.25 x the model's test size)")
-    tta.add_argument("--tta-max-size", type=int, metavar="PIXELS",
-                     help="longer side cap at every size (default: the model's cap scaled with each size)")
-    tta.add_argument("--no-tta-flip", action="store_true", help="sizes only, no flipped views")
-
-
-def tta_settings(args: argparse.Namespace) -> TTASettings | None:
-    """The flags of :func:`add_tta_flags` as settings; None without ``--tta``. ValueError for TTA flags without it."""
-    if not args.tta:
-        given = [flag for flag, value in (("--tta-sizes", args.tta_sizes), ("--tta-max-size", args.tta_max_size),
-                                          ("--no-tta-flip", args.no_tta_flip or None)) if value is not None]
-        if given:
-            raise ValueError(f"{', '.join(given)} {'need' if len(given) > 1 else 'needs'} --tta")
-        return None
-    sizes = tuple(args.tta_sizes) if args.tta_sizes is not None else None
-    return TTASettings(sizes=sizes, flip=not args.no_tta_flip, max_size=args.tta_max_size)
 
 
 class Augmentation(NamedTuple):
