@@ -18,6 +18,7 @@ What it does, and why each step pays (measured with ``tools/benchmark.py``, numb
 from __future__ import annotations
 
 import copy
+import platform
 import warnings
 from collections import OrderedDict
 from typing import Any, Iterator, Optional
@@ -131,10 +132,21 @@ def bf16_supported(device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported()
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
-    capabilities = torch.cpu.get_capabilities()
-    if "avx512_bf16" in capabilities or "amx_bf16" in capabilities:  # x86: the instructions themselves
-        return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    native = _x86_bf16_instructions()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) if native is None else native
+
+
+def _x86_bf16_instructions() -> Optional[bool]:
+    """Whether an x86 CPU has AVX512-BF16 or AMX-BF16; None on other architectures."""
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if get_capabilities is not None:
+        capabilities = get_capabilities()
+        if "avx512_bf16" in capabilities or "amx_bf16" in capabilities:  # reported on x86 only
+            return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+        return None
+    if platform.machine().lower() in ("x86_64", "amd64"):  # torch before get_capabilities
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return None
 
 
 # ``bf16=True`` without native support warns once per process, not on every call (tools call it per model).

@@ -214,6 +214,18 @@ def test_bf16_supported_means_native_instructions(monkeypatch, capabilities, mkl
     assert bf16_supported(torch.device("meta")) is False
 
 
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(False, False, False), (True, False, True), (False, True, True)])
+def test_bf16_supported_on_torch_without_get_capabilities(monkeypatch, avx512_bf16, amx, expected) -> None:
+    import platform
+
+    monkeypatch.delattr(torch.cpu, "get_capabilities")
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert bf16_supported(torch.device("cpu")) is expected
+
+
 def test_rejects_non_module() -> None:
     with pytest.raises(TypeError, match="nn.Module"):
         optimize_for_inference(lambda x: x)
