@@ -113,6 +113,7 @@ class _ScaledWeightConv(torch.autograd.Function):
                 groups: int) -> Tensor:
         ctx.save_for_backward(x, weight, scale)
         ctx.options = (stride, padding, dilation, groups)
+        ctx.dtypes = (x.dtype, bias.dtype)
         return F.conv2d(x, _scaled_weight(weight, scale, x), bias, stride, padding, dilation, groups)
 
     @staticmethod
@@ -121,15 +122,23 @@ class _ScaledWeightConv(torch.autograd.Function):
         x, weight, scale = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.options
         needs_x, needs_weight, needs_scale, needs_bias = ctx.needs_input_grad[:4]
+        # Under autocast the forward convolution ran in the autocast dtype (grad's): so does its backward, as
+        # autocast's own convolution backward would, and each gradient returns in its input's dtype.
+        compute = grad.dtype
         grad_x, grad_scaled, grad_bias = torch.ops.aten.convolution_backward(
-            grad, x, _scaled_weight(weight, scale, x), [grad.shape[1]], stride, padding, dilation, False,
-            [0, 0], groups, [needs_x, needs_weight or needs_scale, needs_bias],
+            grad, x.to(compute), _scaled_weight(weight, scale, x).to(compute), [grad.shape[1]], stride, padding,
+            dilation, False, [0, 0], groups, [needs_x, needs_weight or needs_scale, needs_bias],
         )
+        x_dtype, bias_dtype = ctx.dtypes
         grad_weight = grad_scale = None
+        if needs_weight or needs_scale:
+            grad_scaled = grad_scaled.to(weight.dtype)
         if needs_weight:
             grad_weight = grad_scaled * scale.reshape(-1, 1, 1, 1)
         if needs_scale:
             grad_scale = (grad_scaled * weight).sum(dim=(1, 2, 3))
+        grad_x = None if grad_x is None else grad_x.to(x_dtype)
+        grad_bias = None if grad_bias is None else grad_bias.to(bias_dtype)
         return grad_x, grad_weight, grad_scale, grad_bias, None, None, None, None
 
 

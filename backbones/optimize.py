@@ -9,16 +9,19 @@ What it does, and why each step pays (measured with ``tools/benchmark.py``, numb
   makes every convolution choose NHWC even when the input arrives NCHW (e.g. ``TimmBackbone``).
 * ``compile=True``: ``torch.compile(fullgraph=True)`` on the backbone (ResNet, FPN, TimmBackbone) or on a detector's
   ``.backbone``; the detector's post-processing (NMS, box decoding, mask pasting) stays eager.
-* ``bf16=True``: bfloat16 weights in the backbone where the device has native bf16 (AMX / AVX512-BF16 on CPU,
-  Ampere+ on GPU), with inputs cast at its boundary and outputs returned as float32, so callers are unchanged.
-  The detector heads (box decoding, NMS, RoIAlign) stay float32.
+* ``bf16=True``: bfloat16 weights where the device has native bf16 (AMX / AVX512-BF16 on CPU, Ampere+ on GPU),
+  with inputs cast at the boundary and outputs returned as float32, so callers are unchanged. For a detector the
+  networks run in bfloat16 (backbone + FPN, RPN head, RoI box and mask heads and predictors) and the geometry stays
+  float32 (anchors, box decoding, NMS, score thresholds, mask pasting). Without native bf16 (oneDNN then emulates
+  it on AVX-512 at a fraction of the float32 speed: BENCHMARKS.md) float32 is kept, with one warning per process.
 """
 from __future__ import annotations
 
 import copy
+import platform
 import warnings
 from collections import OrderedDict
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -119,12 +122,46 @@ def fold_norms_(model: nn.Module) -> int:
 
 
 def bf16_supported(device: torch.device) -> bool:
-    """Whether ``device`` runs bfloat16 convolutions/matmuls natively (not emulated at a loss of speed)."""
+    """Whether ``device`` runs bfloat16 convolutions/matmuls natively (not emulated at a loss of speed).
+
+    On x86 CPUs that means AVX512-BF16 or AMX-BF16 instructions. oneDNN also reports bf16 support on plain AVX-512
+    (``torch.ops.mkldnn._is_mkldnn_bf16_supported()``), where it emulates bf16 at a fraction of float32's speed
+    (BENCHMARKS.md, "bf16 without native support"); that does not count. Other CPU architectures: oneDNN's answer.
+    """
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    native = _x86_bf16_instructions()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) if native is None else native
+
+
+def _x86_bf16_instructions() -> Optional[bool]:
+    """Whether an x86 CPU has AVX512-BF16 or AMX-BF16; None on other architectures."""
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if get_capabilities is not None:
+        capabilities = get_capabilities()
+        if "avx512_bf16" in capabilities or "amx_bf16" in capabilities:  # reported on x86 only
+            return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+        return None
+    if platform.machine().lower() in ("x86_64", "amd64"):  # torch before get_capabilities
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return None
+
+
+# ``bf16=True`` without native support warns once per process, not on every call (tools call it per model).
+_warned_no_bf16 = False
+
+
+def _warn_no_bf16(device: torch.device) -> None:
+    global _warned_no_bf16
+    if not _warned_no_bf16:
+        _warned_no_bf16 = True
+        warnings.warn(
+            f"bf16=True ignored: {device} has no native bfloat16 support (emulated bf16 would be slower); keeping "
+            "float32. This warning is shown once per process.",
+            stacklevel=3,
+        )
 
 
 def _to_dtype(value: Any, dtype: torch.dtype) -> Any:
@@ -142,26 +179,75 @@ def _to_dtype(value: Any, dtype: torch.dtype) -> Any:
     return value
 
 
-class _Bfloat16Boundary:
-    """A bf16 module's instance ``forward``: float32 in, bfloat16 compute, float32 out.
+class _DtypeBoundary:
+    """A module's instance ``forward``: floating inputs cast to ``compute``, outputs to ``output`` (None: as is).
 
     An instance ``forward`` rather than forward hooks, because ``torch.compile`` traces hooks as separate graphs;
     this keeps the compiled backbone one graph. A plain object holding the module (not a closure), so that
     ``copy.deepcopy`` of the model rebinds it to the copy.
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, compute: torch.dtype, output: Optional[torch.dtype]) -> None:
         self.module = module
+        self.compute = compute
+        self.output = output
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        args, kwargs = _to_dtype(args, torch.bfloat16), _to_dtype(kwargs, torch.bfloat16)
-        return _to_dtype(type(self.module).forward(self.module, *args, **kwargs), torch.float32)
+        args, kwargs = _to_dtype(args, self.compute), _to_dtype(kwargs, self.compute)
+        out = type(self.module).forward(self.module, *args, **kwargs)
+        return out if self.output is None else _to_dtype(out, self.output)
 
 
-def _to_bf16(module: nn.Module) -> None:
-    """bfloat16 weights, with float32 in and out, so the callers are unchanged."""
+def _to_bf16(module: nn.Module, output: Optional[torch.dtype] = torch.float32) -> None:
+    """bfloat16 weights and inputs; outputs cast to ``output`` (float32 by default, so callers are unchanged)."""
     module.to(torch.bfloat16)
-    module.forward = _Bfloat16Boundary(module)
+    module.forward = _DtypeBoundary(module, torch.bfloat16, output)
+
+
+class _Float32Anchors:
+    """An anchor generator's instance ``forward`` that sees float32 stand-ins for bfloat16 feature maps.
+
+    torchvision's ``AnchorGenerator`` takes the anchors' dtype from the feature maps and reads nothing else from
+    them but their shapes and device; the stand-ins are zero-stride expansions of one float32 zero (same shapes,
+    no copy), so anchors and the proposals decoded from them stay float32.
+    """
+
+    def __init__(self, generator: nn.Module) -> None:
+        self.generator = generator
+
+    def __call__(self, image_list: Any, feature_maps: list[Tensor]) -> Any:
+        stand_ins = [f.new_zeros((), dtype=torch.float32).expand(f.shape) for f in feature_maps]
+        return type(self.generator).forward(self.generator, image_list, stand_ins)
+
+
+# RoI poolers known to pool bfloat16 maps directly (``heads.ops``' sparse RoIAlign); any other pooler (e.g.
+# torchvision's, whose CPU kernel rejects bfloat16 maps with float32 boxes) is given float32 maps.
+_BF16_POOL_MODULES = ("heads.ops",)
+
+
+def _detector_to_bf16(model: nn.Module) -> None:
+    """The networks of a torchvision-style detector in bfloat16, its geometry in float32.
+
+    bfloat16: the backbone (its features stay bfloat16, no float32 copy of the pyramid), the RPN head, and the RoI
+    heads' box/mask/keypoint head + predictor, whose outputs (logits, deltas, mask logits) are cast to float32.
+    float32: anchors, box decoding, NMS, score thresholds, mask pasting, i.e. everything that decides which
+    detections survive, so detections stay stable. RoIAlign pools the bfloat16 maps into bfloat16 features: faster
+    than pooling a float32 copy of the pyramid, and than pooling float32 maps (BENCHMARKS.md, design measurements).
+    """
+    _to_bf16(model.backbone, output=None)
+    _to_bf16(model.rpn.head)
+    model.rpn.anchor_generator.forward = _Float32Anchors(model.rpn.anchor_generator)
+    roi_heads = model.roi_heads
+    for branch in ("box", "mask", "keypoint"):
+        head = getattr(roi_heads, f"{branch}_head", None)
+        predictor = getattr(roi_heads, f"{branch}_predictor", None)
+        if head is None or predictor is None:
+            continue
+        _to_bf16(head, output=None)
+        _to_bf16(predictor)
+        pool = getattr(roi_heads, f"{branch}_roi_pool", None)
+        if pool is not None and not type(pool).__module__.startswith(_BF16_POOL_MODULES):
+            pool.forward = _DtypeBoundary(pool, torch.float32, None)
 
 
 class _FrozenCompiled:
@@ -203,8 +289,10 @@ def optimize_for_inference(model: nn.Module, *, compile: bool = False, bf16: boo
         compile: compile the backbone (for a detector: ``model.backbone``) with ``torch.compile(fullgraph=True)``.
             Inductor's ``freezing`` is on: the compiled copy treats its weights as constants (do not modify them
             afterwards). The first call per input shape pays the compilation.
-        bf16: run the backbone in bfloat16 if the model's device supports it natively (a warning otherwise, and
-            float32 is kept). Outputs are still float32.
+        bf16: run the networks in bfloat16 if the model's device supports it natively (``bf16_supported``; without
+            it float32 is kept, and the first such call in the process warns). A detector's backbone, RPN head and
+            RoI heads run in bfloat16 while anchors, box decoding, NMS, thresholds and mask pasting stay float32.
+            Outputs are still float32.
 
     Example:
         >>> fast = optimize_for_inference(resnet50().eval(), compile=True)
@@ -219,14 +307,17 @@ def optimize_for_inference(model: nn.Module, *, compile: bool = False, bf16: boo
     fold_norms_(model)
     model.to(memory_format=torch.channels_last)
 
-    backbone = model.backbone if _is_detector(model) else model
+    detector = _is_detector(model)
+    backbone = model.backbone if detector else model
     if bf16:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
-        if bf16_supported(device):
-            _to_bf16(backbone)
+        if not bf16_supported(device):
+            _warn_no_bf16(device)
+        elif detector:
+            _detector_to_bf16(model)
         else:
-            warnings.warn(f"bf16=True ignored: {device} has no native bfloat16 support; keeping float32")
+            _to_bf16(backbone)
     if compile:
         backbone.forward = _FrozenCompiled(backbone.forward)
     return model

@@ -8,7 +8,7 @@ from torchvision.ops import DeformConv2d, FrozenBatchNorm2d
 
 import backbones as B
 from backbones.resnet import STAGE_NAMES
-from tools.reference_models import randomize_norm_stats
+from tools.reference_models import max_rel_diff, randomize_norm_stats
 
 ALL = ("c2", "c3", "c4", "c5")
 FACTORY_NAMES = sorted(B.FACTORIES)
@@ -195,6 +195,25 @@ def test_folded_conv_gradients_equal_two_step(groups, stride, dilation):
     reference = torch.autograd.grad(bn(conv(x)), params, grad)
     for a, b in zip(ours, reference):
         torch.testing.assert_close(a, b)
+
+
+def test_folded_conv_trains_under_bfloat16_autocast():
+    """Under autocast the folded convolution runs in bfloat16 forward and backward, and each gradient comes back
+    in its parameter's dtype, close to the float32 gradients."""
+    from backbones.norm import conv_norm
+
+    conv = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+    norm = randomize_norm_stats(FrozenBatchNorm2d(16))
+    x = torch.randn(2, 8, 12, 12).contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(2, 16, 12, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv_norm(conv, norm, x)
+    assert "ScaledWeightConv" in type(out.grad_fn).__name__ and out.dtype == torch.bfloat16
+    ours = torch.autograd.grad(out, [x, conv.weight], grad)
+    reference = torch.autograd.grad(norm(conv(x)), [x, conv.weight], grad)
+    for a, b in zip(ours, reference):
+        assert a.dtype == torch.float32
+        assert max_rel_diff(b, a) < 0.05
 
 
 def test_training_keeps_no_copy_of_the_batch_and_no_pooling_indices():

@@ -46,6 +46,25 @@ def test_finetune_row_trains_the_same_parameters_on_both_sides() -> None:
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
 
 
+def test_r18_batch_norm_row_trains_batch_norm_on_both_sides() -> None:
+    settings = _quick_settings()
+    runners = {side: build(settings) for side, build in benchmark.ROWS["faster_rcnn_r18_train_bn"].sides.items()}
+    for side, runner in runners.items():
+        norms = [m for m in runner.model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert len(norms) == 20 and all(m.training and m.weight.requires_grad for m in norms), side
+    trainable = {
+        side: sorted(tuple(p.shape) for p in r.model.parameters() if p.requires_grad) for side, r in runners.items()
+    }
+    assert trainable["resdet"] == trainable["torchvision"]
+
+
+def test_amp_row_compares_autocast_with_float32() -> None:
+    """resdet under bf16 autocast against resdet and torchvision in float32, whatever --amp says (the folded
+    convolutions' autocast backward itself: tests/test_backbones.py)."""
+    row = benchmark.ROWS["faster_rcnn_r18_train_amp"]
+    assert list(row.sides) == ["resdet", "resdet_fp32", "torchvision"] and row.amp
+
+
 def test_memory_probe_reports_a_peak() -> None:
     peak = benchmark._memory_in_subprocess("resnet18_infer", "resdet", _quick_settings())
     assert peak is not None and peak > 100  # MiB: torch alone is several hundred

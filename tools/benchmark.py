@@ -84,7 +84,8 @@ class Row:
     images: Callable[[Settings], int]  # images per step
     sides: "OrderedDict[str, Builder]"  # first side is resdet, the others are references
     iters: int  # default timed iterations per side (``--iters`` overrides)
-    bf16: bool = False  # compare against the bf16 matmul peak
+    bf16: bool = False  # resdet runs bf16 where the device has it natively: compare against the bf16 matmul peak
+    amp: bool = False  # resdet runs under bf16 autocast on any device: compare against the bf16 matmul peak
     compiled: bool = False  # compiles at build time: no memory subprocess (it would compile again)
     check: Optional[Callable[[dict[str, Runner], Settings], str]] = None
     requires_heads: bool = False
@@ -207,18 +208,18 @@ def _detector_sizes(kind: str, train: bool, r18: bool, settings: Settings) -> tu
 
 
 def _torchvision_detector(
-    kind: str, height: int, width: int, r18: bool, calibrate: bool, finetune: bool = False
+    kind: str, height: int, width: int, r18: bool, calibrate: bool, finetune: bool = False, batch_norm: bool = False
 ) -> nn.Module:
     """torchvision's R50-FPN (or R18-FPN) detector at the row's image size (``tools.reference_models``).
 
     ``calibrate``: the calibrated reference, whose detections pass the score threshold (inference rows).
     ``finetune``: the model torchvision builds for fine-tuning from an ImageNet backbone (``weights_backbone`` set):
     FrozenBatchNorm2d, stem and layer1 frozen, holding a calibrated model's statistics, so activations stay O(1) as
-    with a pretrained backbone.
+    with a pretrained backbone. ``batch_norm``: the R18-FPN with trainable BatchNorm (from scratch).
     """
     return torchvision_detector(
         kind, backbone="resnet18" if r18 else "resnet50", calibrated=calibrate or finetune, frozen_bn=finetune,
-        min_size=min(height, width), max_size=max(height, width),
+        batch_norm=batch_norm, min_size=min(height, width), max_size=max(height, width),
     )
 
 
@@ -266,17 +267,23 @@ def _detector_step(model: nn.Module, kind: str, train: bool, n: int, h: int, w: 
 
 
 def _detector_sides(
-    kind: str, train: bool, r18: bool = False, optimize: Optional[dict[str, bool]] = None, finetune: bool = False
+    kind: str, train: bool, r18: bool = False, optimize: Optional[dict[str, bool]] = None, finetune: bool = False,
+    batch_norm: bool = False, amp_variant: bool = False,
 ) -> "OrderedDict[str, Builder]":
+    """resdet and torchvision holding the same weights. ``batch_norm``: R18-FPN with trainable BatchNorm on both
+    sides. ``amp_variant``: resdet under bf16 autocast against resdet and torchvision in float32 (whatever ``--amp``
+    says)."""
+
     def ours(settings: Settings) -> Runner:
         n, h, w = _detector_sizes(kind, train, r18, settings)
         # The R18 reference is ``resnet_fpn_backbone``'s default: FrozenBatchNorm2d, every layer trainable.
-        backbone_options = dict(norm="FrozenBN", frozen_stages=0) if r18 else None
+        backbone_options = dict(norm="BN" if batch_norm else "FrozenBN", frozen_stages=0) if r18 else None
         model = heads.build_detector(
             kind, "resnet18" if r18 else "resnet50", num_classes=91, pretrained_backbone=finetune,
             backbone_options=backbone_options, min_size=min(h, w), max_size=max(h, w),
         )
-        reference = _torchvision_detector(kind, h, w, r18, calibrate=not train, finetune=finetune)
+        reference = _torchvision_detector(kind, h, w, r18, calibrate=not train, finetune=finetune,
+                                          batch_norm=batch_norm)
         heads.load_weights(model, reference.state_dict())
         del reference
         model = model.to(settings.device)
@@ -289,11 +296,18 @@ def _detector_sides(
     def reference(settings: Settings) -> Runner:
         n, h, w = _detector_sizes(kind, train, r18, settings)
         model = _prepare_reference(
-            _torchvision_detector(kind, h, w, r18, calibrate=not train, finetune=finetune), settings
+            _torchvision_detector(kind, h, w, r18, calibrate=not train, finetune=finetune, batch_norm=batch_norm),
+            settings,
         )
         _maybe_compile(model.backbone, settings)
         return Runner(model, _detector_step(model, kind, train, n, h, w, settings))
 
+    if amp_variant:
+        return OrderedDict(
+            resdet=lambda settings: ours(dataclasses.replace(settings, amp=True)),
+            resdet_fp32=lambda settings: ours(dataclasses.replace(settings, amp=False)),
+            torchvision=lambda settings: reference(dataclasses.replace(settings, amp=False)),
+        )
     return OrderedDict(resdet=ours, torchvision=reference)
 
 
@@ -302,20 +316,28 @@ def _box_iou(a: Tensor, b: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def _detections_agree(runners: dict[str, Runner], settings: Settings) -> str:
-    """Share of torchvision's detections that resdet reproduces (same label, IoU >= 0.9, score within 1e-2)."""
+def _detections_agree(runners: dict[str, Runner], settings: Settings, score_tol: Optional[float] = 1e-2) -> str:
+    """Share of torchvision's detections that resdet reproduces (same label, IoU >= 0.9 and, unless ``score_tol``
+    is None, score within it)."""
     ours, ref = runners["resdet"].step(), runners["torchvision"].step()
     matched = total = 0
     for a, b in zip(ours, ref):
         total += len(b["boxes"])
         if len(a["boxes"]) and len(b["boxes"]):
             iou = _box_iou(b["boxes"].float().cpu(), a["boxes"].float().cpu())
-            same = (b["labels"].cpu()[:, None] == a["labels"].cpu()[None, :]) & (
-                (b["scores"].float().cpu()[:, None] - a["scores"].float().cpu()[None, :]).abs() < 1e-2
-            )
+            same = b["labels"].cpu()[:, None] == a["labels"].cpu()[None, :]
+            if score_tol is not None:
+                same &= (b["scores"].float().cpu()[:, None] - a["scores"].float().cpu()[None, :]).abs() < score_tol
             matched += int(((iou >= 0.9) & same).any(1).sum())
     counts = f"{sum(len(a['boxes']) for a in ours)}/{total} dets"
     return f"detections agree {100.0 * matched / max(total, 1):.0f}% ({counts})"
+
+
+def _bf16_detections_agree(runners: dict[str, Runner], settings: Settings) -> str:
+    """bf16 rows: same label and IoU >= 0.9 (bfloat16 moves scores by more than 1e-2), and whether bf16 ran."""
+    native = backbones.bf16_supported(torch.device(settings.device))
+    ran = "bf16" if native else "no native bf16: ran float32"
+    return f"{_detections_agree(runners, settings, score_tol=None)}; {ran}"
 
 
 # -- the rows --------------------------------------------------------------------------------------------------
@@ -363,6 +385,13 @@ def _rows() -> list[Row]:
         )
     for kind, label in (("faster_rcnn", "Faster R-CNN"), ("mask_rcnn", "Mask R-CNN")):
         rows.append(
+            Row(f"{kind}_infer_opt_bf16",
+                f"{label} R50-FPN inference, 1 image 480x640, optimize_for_inference(bf16=True) vs torchvision fp32",
+                "ms", lambda s: 1, _detector_sides(kind, False, optimize=dict(bf16=True)), 5, bf16=True,
+                check=_bf16_detections_agree, requires_heads=True)
+        )
+    for kind, label in (("faster_rcnn", "Faster R-CNN"), ("mask_rcnn", "Mask R-CNN")):
+        rows.append(
             Row(f"{kind}_train", f"{label} R50-FPN training step, 2 images 512x512 (from scratch: BN)", "ms",
                 lambda s: 2, _detector_sides(kind, True), 5, requires_heads=True)
         )
@@ -375,6 +404,16 @@ def _rows() -> list[Row]:
         Row("faster_rcnn_r18_train", "Faster R-CNN R18-FPN training step, 4 images 256x256 (FrozenBN, every "
             "layer trainable)", "ms", lambda s: 4,
             _detector_sides("faster_rcnn", True, r18=True), 5, requires_heads=True)
+    )
+    rows.append(
+        Row("faster_rcnn_r18_train_bn", "Faster R-CNN R18-FPN training step, 4 images 256x256 (trainable BatchNorm, "
+            "from scratch)", "ms", lambda s: 4,
+            _detector_sides("faster_rcnn", True, r18=True, batch_norm=True), 5, requires_heads=True)
+    )
+    rows.append(
+        Row("faster_rcnn_r18_train_amp", "Faster R-CNN R18-FPN training step, 4 images 256x256 (FrozenBN), resdet "
+            "under bf16 autocast vs resdet and torchvision in fp32", "ms", lambda s: 4,
+            _detector_sides("faster_rcnn", True, r18=True, amp_variant=True), 5, amp=True, requires_heads=True)
     )
     return rows
 
@@ -516,7 +555,9 @@ def run_row(row: Row, settings: Settings, peaks: dict[str, float], memory: bool)
 
     images = row.images(settings)
     medians = {side: statistics.median(t) for side, t in times.items()}
-    peak = peaks["bf16" if (row.bf16 or settings.amp) else "fp32"]
+    # A bf16 row without native bf16 ran float32 (optimize_for_inference keeps it); autocast runs bf16 anyway.
+    bf16_ran = settings.amp or row.amp or (row.bf16 and backbones.bf16_supported(torch.device(settings.device)))
+    peak = peaks["bf16" if bf16_ran else "fp32"]
     result = dict(
         row=row.name,
         description=row.description,
@@ -586,6 +627,8 @@ def machine_info() -> dict[str, Any]:
         cpu=cpu,
         cpu_count=os.cpu_count(),
         bf16_flags=flags,
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        native_bf16=backbones.bf16_supported(torch.device("cpu")),
         threads=torch.get_num_threads(),
         gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         python=platform.python_version(),
@@ -663,6 +706,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     start_load = os.getloadavg()
     peaks = {"fp32": matmul_peak(torch.float32, args.device), "bf16": matmul_peak(torch.bfloat16, args.device)}
     print(f"machine: {info['cpu']} ({info['cpu_count']} cpus, {info['threads']} threads), gpu: {info['gpu']}")
+    print(f"cpu: torch capability {info['cpu_capability']}, bf16 flags {info['bf16_flags'] or 'none'}, "
+          f"native bf16 {info['native_bf16']}")
     print(f"versions: torch {info['torch']}, torchvision {info['torchvision']}, timm {info['timm']}")
     print(f"settings: {dataclasses.asdict(settings)}")
     print(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s; load average {start_load}")

@@ -35,8 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--score-thresh", type=float, default=0.5, help="keep detections scoring at least this")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--bf16", action="store_true",
-                   help="run the backbone in bfloat16 where the device supports it (CPUs with AMX/AVX512-BF16, "
-                        "Ampere+ GPUs); detections move slightly (backbones.BF16_TOLERANCE)")
+                   help="backbone, RPN and RoI heads in bfloat16 where the device has it natively (CPUs with "
+                        "AMX/AVX512-BF16, Ampere+ GPUs; float32 elsewhere); box decoding and NMS stay float32")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the backbone + FPN (the first images pay the compilation)")
     add_detector_flags(p)

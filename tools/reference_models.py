@@ -123,6 +123,7 @@ def torchvision_detector(
     *,
     calibrated: bool = True,
     frozen_bn: bool = False,
+    batch_norm: bool = False,
     seed: int = 0,
     **options: Any,
 ) -> nn.Module:
@@ -139,6 +140,8 @@ def torchvision_detector(
             near-tied proposals or detections. ``False``: torchvision's initialisation as it is.
         frozen_bn: the v1 fine-tuning layout (what torchvision builds with ``weights_backbone``): FrozenBatchNorm2d,
             stem and layer1 frozen (``trainable_layers=3``), holding the calibrated model's weights and statistics.
+        batch_norm: for a backbone other than ``resnet50``: trainable ``nn.BatchNorm2d`` in ``resnet_fpn_backbone``
+            (training from scratch) instead of its default FrozenBatchNorm2d.
         seed: seeds the weights, the norms and the calibration images; the global RNG is left as it was.
         options: passed to the detector (``min_size``, ``max_size``, ``box_detections_per_img``, ...).
     """
@@ -164,7 +167,9 @@ def torchvision_detector(
             build = getattr(detection, _R50_BUILDERS[kind] + ("_v2" if variant == "v2" else ""))
             model = build(weights=None, weights_backbone=None, **options)
         else:
-            model = cls(resnet_fpn_backbone(backbone_name=backbone, weights=None, trainable_layers=5), 91, **options)
+            norm = dict(norm_layer=nn.BatchNorm2d) if batch_norm else {}
+            body = resnet_fpn_backbone(backbone_name=backbone, weights=None, trainable_layers=5, **norm)
+            model = cls(body, 91, **options)
     if calibrated:
         randomize_norm_stats(model, seed)
         images = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(seed))
