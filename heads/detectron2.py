@@ -54,6 +54,7 @@ from heads.postprocess import (
     BatchedRegionProposalNetwork,
     BatchedRoIHeads,
     _clip_to_images,
+    check_paste_inputs,
 )
 
 __all__ = [
@@ -279,10 +280,7 @@ def paste_masks_detectron2(masks: Tensor, boxes: Tensor, image_shape: tuple[int,
         >>> paste_masks_detectron2(torch.rand(2, 1, 28, 28), boxes, (48, 64)).shape
         torch.Size([2, 1, 48, 64])
     """
-    if masks.dim() != 4 or masks.shape[1] != 1:
-        raise ValueError(f"masks must be [N, 1, M, M], got shape {tuple(masks.shape)}")
-    if boxes.shape != (masks.shape[0], 4):
-        raise ValueError(f"boxes must be [N, 4] with N={masks.shape[0]} (one per mask), got shape {tuple(boxes.shape)}")
+    check_paste_inputs(masks, boxes)
     height, width = image_shape
     dtype = torch.float64 if masks.dtype == torch.float64 else torch.float32
     out = torch.zeros((masks.shape[0], height, width), dtype=masks.dtype, device=masks.device)

@@ -44,6 +44,7 @@ __all__ = [
     "BatchedGeneralizedRCNNTransform",
     "grouped_nms",
     "paste_masks_in_image",
+    "check_paste_inputs",
 ]
 
 # torchvision's threshold for the same choice on CPU (4000 box coordinates, vision#1311 and #8925).
@@ -345,6 +346,14 @@ def _resample_weights(box_start: Tensor, box_end: Tensor, length: int, source_le
     return weights
 
 
+def check_paste_inputs(masks: Tensor, boxes: Tensor) -> None:
+    """ValueError unless ``masks`` is ``[N, 1, M, M]`` and ``boxes`` ``[N, 4]``: what mask pasting takes."""
+    if masks.dim() != 4 or masks.shape[1] != 1:
+        raise ValueError(f"masks must be [N, 1, M, M], got shape {tuple(masks.shape)}")
+    if boxes.shape != (masks.shape[0], 4):
+        raise ValueError(f"boxes must be [N, 4] with N={masks.shape[0]} (one per mask), got shape {tuple(boxes.shape)}")
+
+
 def paste_masks_in_image(masks: Tensor, boxes: Tensor, image_shape: tuple[int, int], padding: int = 1) -> Tensor:
     """Paste each mask into an image-sized zero canvas at its box, without a loop over masks.
 
@@ -370,10 +379,7 @@ def paste_masks_in_image(masks: Tensor, boxes: Tensor, image_shape: tuple[int, i
         >>> paste_masks_in_image(torch.rand(2, 1, 28, 28), boxes, (48, 64)).shape
         torch.Size([2, 1, 48, 64])
     """
-    if masks.dim() != 4 or masks.shape[1] != 1:
-        raise ValueError(f"masks must be [N, 1, M, M], got shape {tuple(masks.shape)}")
-    if boxes.shape != (masks.shape[0], 4):
-        raise ValueError(f"boxes must be [N, 4] with N={masks.shape[0]} (one per mask), got shape {tuple(boxes.shape)}")
+    check_paste_inputs(masks, boxes)
     im_h, im_w = image_shape
     num = masks.shape[0]
     out = torch.empty((num, im_h, im_w), dtype=masks.dtype, device=masks.device)
