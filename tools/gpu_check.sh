@@ -166,7 +166,7 @@ def machine() -> dict:
 
 ORDER = ["make_data", "bench_cls_infer", "bench_cls_train", "bench_detectors", "train_det", "train_cls",
          "torchrun_det"]
-# The GPU targets (H100/H200 class), from the benchmark rows: (step, row, img/s at least).
+# The GPU targets (H100/H200 class), from the benchmark rows: (step, row, img/s at least).
 TARGETS = {"ResNet-50 training, bf16, channels_last, compiled": ("bench_cls_train", "resnet50_train", 5000),
            "ResNet-50 inference, bf16, channels_last, compiled": ("bench_cls_infer", "resnet50_infer", 20000),
            "Faster R-CNN R50-FPN training per GPU": ("bench_detectors", "faster_rcnn_train", 50)}
